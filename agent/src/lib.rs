@@ -1,0 +1,15 @@
+//! The mycel node agent.
+//!
+//! Data flows one way: a [`source`] (a directory of YAML files today, the Kubernetes API
+//! later) produces resources; the pure [`state`] model turns them into what the kernel
+//! should hold; the [`datapath`] writes only the differences into the eBPF maps.
+//! Observability flows back through [`metrics`] and the [`admin`] endpoints.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod datapath;
+pub mod metrics;
+pub mod source;
+pub mod state;

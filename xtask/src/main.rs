@@ -1,0 +1,88 @@
+//! mycel's project automation, run as `cargo xtask <command>` (an alias in
+//! `.cargo/config.toml`).
+//!
+//! - `setup` installs what building and testing needs (toolchains, LLVM, bpf-linker,
+//!   mounts), and only what is missing.
+//! - `test` runs what CI runs: setup, rustfmt, clippy, every test.
+//! - `demo` and `bench <name>` build the release binaries and run the demo or a benchmark.
+
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod run;
+mod setup;
+mod test;
+mod workspace;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// mycel's project automation.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about, disable_help_subcommand = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what building and testing mycel needs (only what is missing).
+    Setup {
+        /// Only report what is missing, and fail if anything is.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run setup, `cargo fmt --check`, `cargo clippy` and every test, as CI does.
+    Test(test::Options),
+    /// Build mycel and run the demo (needs root).
+    Demo,
+    /// Build mycel and run a benchmark: `cargo xtask bench lb [args]`.
+    Bench {
+        /// The benchmark (without one, lists them).
+        name: Option<String>,
+        /// Passed to the benchmark.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the command; returns the exit code to end with.
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let ctx = workspace::Ctx::detect()?;
+    match cli.command {
+        Command::Setup { check } => {
+            setup::run(&ctx, setup::Options { check_only: check })?;
+            Ok(0)
+        }
+        Command::Test(opts) => {
+            test::run(&ctx, &opts)?;
+            Ok(0)
+        }
+        Command::Demo => run::demo(&ctx),
+        Command::Bench { name: None, .. } => {
+            println!("benchmarks (run one with `cargo xtask bench <name> [args]`):");
+            for (name, what) in run::BENCHES {
+                println!("  {name:<8} {what}");
+            }
+            Ok(0)
+        }
+        Command::Bench {
+            name: Some(name),
+            args,
+        } => run::bench(&ctx, &name, &args),
+    }
+}

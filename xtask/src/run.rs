@@ -1,0 +1,90 @@
+//! `cargo xtask demo` and `cargo xtask bench <name>`: build the release binaries and run
+//! one of the programs of the `mycel-tests` crate against them.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, ensure};
+
+use crate::{cmd::Cmd, setup, workspace::Ctx};
+
+/// The benchmarks `mycel-bench` knows.
+pub const BENCHES: &[(&str, &str)] = &[(
+    "lb",
+    "service load balancing: connect() to a ClusterIP through the connect4 hook",
+)];
+
+/// Runs the demo; needs root.
+pub fn demo(ctx: &Ctx) -> anyhow::Result<i32> {
+    ensure!(
+        ctx.is_root,
+        "`cargo xtask demo` needs root: it creates network namespaces and loads eBPF \
+         programs. Run it again as root"
+    );
+    setup::run(ctx, setup::Options::default())?;
+    let bins = build(ctx)?;
+    run_bin(ctx, &bins, "mycel-demo", &[])
+}
+
+/// Runs benchmark `name` with `args`.
+pub fn bench(ctx: &Ctx, name: &str, args: &[String]) -> anyhow::Result<i32> {
+    if !BENCHES.iter().any(|(known, _)| *known == name) {
+        let known: Vec<String> = BENCHES
+            .iter()
+            .map(|(n, what)| format!("  {n:<8} {what}"))
+            .collect();
+        bail!(
+            "no benchmark named {name:?}; the benchmarks are:\n{}",
+            known.join("\n")
+        );
+    }
+    setup::run(ctx, setup::Options::default())?;
+    let bins = build(ctx)?;
+    let mut bench_args = vec![name.to_owned()];
+    bench_args.extend_from_slice(args);
+    run_bin(ctx, &bins, "mycel-bench", &bench_args)
+}
+
+/// Builds the agent and the test programs in release mode; returns their directory.
+fn build(ctx: &Ctx) -> anyhow::Result<PathBuf> {
+    let build = ctx.cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "mycel-agent",
+        "-p",
+        "mycel-tests",
+        "--bins",
+    ]);
+    println!("==> {build}");
+    build.run()?;
+    Ok(ctx.target_dir().join("release"))
+}
+
+/// Runs `bins/name` with the paths of the agent and the test pod; returns its exit code.
+fn run_bin(ctx: &Ctx, bins: &std::path::Path, name: &str, args: &[String]) -> anyhow::Result<i32> {
+    let program = bins.join(name);
+    ensure!(
+        program.is_file(),
+        "{} was not built: `cargo build --release -p mycel-tests --bins` should have built it \
+         from tests/src/bin/{name}.rs",
+        program.display()
+    );
+    let cmd = Cmd::new(&program)
+        .args(args)
+        .env("MYCEL_BIN", bins.join("mycel"))
+        .env("MYCEL_TESTPOD_BIN", bins.join("mycel-testpod"))
+        .dir(&ctx.root);
+    println!("==> {cmd}");
+    let status = cmd.status()?;
+    Ok(exit_code(status))
+}
+
+/// The exit code to pass on: the program's own, or 128 + the signal that ended it, as a
+/// shell reports it.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt as _;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
