@@ -148,7 +148,10 @@ fn route(role: Role, shared: &Shared, req: Request<Incoming>) -> Response<Full<B
             if shared.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: initial state not programmed yet\n")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: initial state not programmed yet\n",
+                )
             }
         }
         (Role::Admin | Role::Metrics, "/metrics") => match shared.metrics_text() {
@@ -159,7 +162,10 @@ fn route(role: Role, shared: &Shared, req: Request<Incoming>) -> Response<Full<B
                 )
                 .body(Full::new(Bytes::from(body)))
                 .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n")),
-            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n"),
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding metrics failed\n",
+            ),
         },
         (Role::Admin, "/debug/status") => json(&shared.status()),
         (Role::Admin, "/debug/services") => match shared.services() {

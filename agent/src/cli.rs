@@ -59,7 +59,12 @@ pub async fn status(args: &ClientArgs) -> anyhow::Result<()> {
     let s: Status = serde_json::from_str(&body).context("the agent's status is not valid JSON")?;
     let mut out = String::new();
     use std::fmt::Write as _;
-    let _ = writeln!(out, "mycel agent {}  ready: {}", s.version, if s.ready { "yes" } else { "no" });
+    let _ = writeln!(
+        out,
+        "mycel agent {}  ready: {}",
+        s.version,
+        if s.ready { "yes" } else { "no" }
+    );
     let _ = writeln!(out, "source:   {}", s.source);
     let _ = writeln!(out, "cgroup:   {}", s.cgroup.display());
     let _ = writeln!(out, "bpffs:    {}", s.bpffs.display());
@@ -70,7 +75,11 @@ pub async fn status(args: &ClientArgs) -> anyhow::Result<()> {
         s.programs.len(),
         s.programs
             .iter()
-            .map(|p| if p.attached { p.name.clone() } else { format!("{} (detached)", p.name) })
+            .map(|p| if p.attached {
+                p.name.clone()
+            } else {
+                format!("{} (detached)", p.name)
+            })
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -79,15 +88,31 @@ pub async fn status(args: &ClientArgs) -> anyhow::Result<()> {
             out,
             "kernel:   {}: {}",
             f.feature,
-            if f.available { "yes".to_string() } else { format!("no ({})", f.impact) }
+            if f.available {
+                "yes".to_string()
+            } else {
+                format!("no ({})", f.impact)
+            }
         );
     }
-    let _ = writeln!(out, "services: {} frontends, {} backends programmed", s.services, s.backends);
+    let _ = writeln!(
+        out,
+        "services: {} frontends, {} backends programmed",
+        s.services, s.backends
+    );
     if s.taken_over > 0 {
-        let _ = writeln!(out, "          {} frontends taken over from pinned maps at start", s.taken_over);
+        let _ = writeln!(
+            out,
+            "          {} frontends taken over from pinned maps at start",
+            s.taken_over
+        );
     }
     let _ = writeln!(out, "input problems standing: {}", s.errors_current);
-    let _ = writeln!(out, "last error: {}", s.last_error.as_deref().unwrap_or("none"));
+    let _ = writeln!(
+        out,
+        "last error: {}",
+        s.last_error.as_deref().unwrap_or("none")
+    );
     if !s.kernel_counters.is_empty() {
         let _ = writeln!(
             out,
@@ -137,7 +162,13 @@ pub async fn services(args: &ClientArgs) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print!("{}", table(&["SERVICE", "FRONTEND", "PROTO", "AFFINITY", "BACKENDS"], &rows));
+    print!(
+        "{}",
+        table(
+            &["SERVICE", "FRONTEND", "PROTO", "AFFINITY", "BACKENDS"],
+            &rows
+        )
+    );
     Ok(())
 }
 

@@ -192,7 +192,10 @@ mod tests {
 
     #[test]
     fn finds_the_cgroup2_root() {
-        assert_eq!(cgroup2_root(MOUNTS), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_root(MOUNTS),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(cgroup2_root("proc /proc proc rw 0 0\n"), None);
         let cfg = Config::from_args(&args(), MOUNTS).unwrap();
         assert_eq!(cfg.cgroup, PathBuf::from("/sys/fs/cgroup/unified"));
@@ -208,7 +211,10 @@ mod tests {
 
         let mut a = args();
         a.source = "git:somewhere".into();
-        assert_eq!(Config::from_args(&a, MOUNTS).unwrap_err().setting, "--source");
+        assert_eq!(
+            Config::from_args(&a, MOUNTS).unwrap_err().setting,
+            "--source"
+        );
 
         let mut a = args();
         a.source = "file:/does/not/exist".into();
@@ -217,11 +223,17 @@ mod tests {
 
         let mut a = args();
         a.cgroup = Some("/tmp".into());
-        assert_eq!(Config::from_args(&a, MOUNTS).unwrap_err().setting, "--cgroup");
+        assert_eq!(
+            Config::from_args(&a, MOUNTS).unwrap_err().setting,
+            "--cgroup"
+        );
 
         let mut a = args();
         a.bpffs = "relative/dir".into();
-        assert_eq!(Config::from_args(&a, MOUNTS).unwrap_err().setting, "--bpffs");
+        assert_eq!(
+            Config::from_args(&a, MOUNTS).unwrap_err().setting,
+            "--bpffs"
+        );
 
         assert_eq!(
             Config::from_args(&args(), "").unwrap_err().setting,

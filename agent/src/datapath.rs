@@ -15,7 +15,8 @@ pub use programs::{AttachedProgram, KernelFeature, PROGRAMS, ProgramStatus};
 pub use services::{ApplyStats, MapBackend, MapService, ServiceMaps, dump_pinned};
 
 /// The compiled kernel programs, built by `build.rs` from `ebpf/mycel-ebpf`.
-pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mycel"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mycel"));
 
 /// Errors of the datapath. Messages say what failed and what to try.
 #[derive(Debug, thiserror::Error)]

@@ -94,7 +94,11 @@ impl Metrics {
             "Kernel map updates that failed",
             m.datapath_errors.clone(),
         );
-        r.register("ready", "1 once the initial state is programmed", m.ready.clone());
+        r.register(
+            "ready",
+            "1 once the initial state is programmed",
+            m.ready.clone(),
+        );
         m
     }
 }
@@ -108,7 +112,9 @@ pub struct KernelCounters {
 
 impl std::fmt::Debug for KernelCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KernelCounters").field("pin", &self.pin).finish_non_exhaustive()
+        f.debug_struct("KernelCounters")
+            .field("pin", &self.pin)
+            .finish_non_exhaustive()
     }
 }
 

@@ -30,9 +30,9 @@ pub struct Location {
     /// The file, or `kubernetes`.
     pub origin: Origin,
     /// 1-based index of the YAML document in a multi-document file.
-    pub document: Option<usize>,
+    pub document: Option<u32>,
     /// 1-based line and column, when known.
-    pub line: Option<(usize, usize)>,
+    pub line: Option<(u32, u32)>,
 }
 
 impl Location {
@@ -130,7 +130,8 @@ pub enum Error {
         object: String,
         /// Path of the field, such as `spec.ports[0].port`.
         field: String,
-        problem: Problem,
+        /// Boxed to keep [`Error`] small.
+        problem: Box<Problem>,
     },
     /// The same object appears twice in one file.
     #[error("{location}: {key} is also defined in document {first} of this file; remove one")]
@@ -150,6 +151,9 @@ pub enum Error {
         owner: Origin,
     },
 }
+
+// Errors travel in `Result`s: keep them small (clippy's `result_large_err`).
+const _: () = assert!(std::mem::size_of::<Error>() <= 128);
 
 /// What is wrong with a field's value.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]

@@ -196,7 +196,12 @@ impl std::fmt::Display for ResourceKey {
 /// `10.96.0.10:53/UDP`, `[fd00::10]:80/TCP`.
 impl std::fmt::Display for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", SocketAddr::new(self.ip, self.port), self.protocol)
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.ip, self.port),
+            self.protocol
+        )
     }
 }
 
@@ -259,8 +264,8 @@ pub enum Error {
     /// keeps it (between two new claims, the lower namespace/name).
     #[error(
         "{origin}: Service {service}: spec.ports[{port_index}]: {frontend} is already served by \
-         Service {owner} ({owner_origin}); it stays with {owner}, give one of them another \
-         cluster IP or port"
+         Service {owner} ({owner_origin}), which keeps it; give one of them another cluster IP \
+         or port"
     )]
     FrontendConflict {
         origin: Origin,
@@ -351,10 +356,7 @@ impl State {
         let mut touched = Touched::default();
         if update.full {
             let listed: HashSet<ResourceKey> = update.upserts.iter().map(Resource::key).collect();
-            let stale: Vec<ResourceKey> = self
-                .keys()
-                .filter(|key| !listed.contains(key))
-                .collect();
+            let stale: Vec<ResourceKey> = self.keys().filter(|key| !listed.contains(key)).collect();
             for key in stale {
                 self.delete(&key, &mut touched);
             }
@@ -763,7 +765,12 @@ mod tests {
         }
     }
 
-    fn slice(name: &str, service: &str, endpoints: Vec<Endpoint>, ports: &[(Option<&str>, u16)]) -> EndpointSlice {
+    fn slice(
+        name: &str,
+        service: &str,
+        endpoints: Vec<Endpoint>,
+        ports: &[(Option<&str>, u16)],
+    ) -> EndpointSlice {
         EndpointSlice {
             meta: meta(name, "slices.yaml"),
             service: service.to_owned(),
@@ -837,10 +844,22 @@ mod tests {
         assert!(applied.errors.is_empty(), "{:?}", applied.errors);
         assert_eq!(applied.changes.len(), 4);
         assert_eq!(state.frontends().len(), 4);
-        assert_eq!(backends_of(&state, fe("10.96.0.10", 80)), addrs(&["10.0.0.1:8080"]));
-        assert_eq!(backends_of(&state, fe("10.96.0.10", 443)), addrs(&["10.0.0.1:8443"]));
-        assert_eq!(backends_of(&state, fe("fd00::10", 80)), addrs(&["[fd00::1]:8080"]));
-        assert_eq!(backends_of(&state, fe("fd00::10", 443)), addrs(&["[fd00::1]:8443"]));
+        assert_eq!(
+            backends_of(&state, fe("10.96.0.10", 80)),
+            addrs(&["10.0.0.1:8080"])
+        );
+        assert_eq!(
+            backends_of(&state, fe("10.96.0.10", 443)),
+            addrs(&["10.0.0.1:8443"])
+        );
+        assert_eq!(
+            backends_of(&state, fe("fd00::10", 80)),
+            addrs(&["[fd00::1]:8080"])
+        );
+        assert_eq!(
+            backends_of(&state, fe("fd00::10", 443)),
+            addrs(&["[fd00::1]:8443"])
+        );
         let spec = &state.frontends()[&fe("10.96.0.10", 443)];
         assert_eq!(spec.service, id("web"));
         assert_eq!(spec.port_name.as_deref(), Some("https"));
@@ -851,7 +870,12 @@ mod tests {
         let mut state = State::default();
         let applied = state.apply(upsert(vec![
             Resource::Service(service("db", &[], vec![tcp(None, 5432)])),
-            Resource::EndpointSlice(slice("db-1", "db", vec![endpoint(&["10.0.0.1"])], &[(None, 5432)])),
+            Resource::EndpointSlice(slice(
+                "db-1",
+                "db",
+                vec![endpoint(&["10.0.0.1"])],
+                &[(None, 5432)],
+            )),
         ]));
         assert!(applied.changes.is_empty());
         assert!(applied.errors.is_empty());
@@ -884,8 +908,14 @@ mod tests {
             port: 1,
             protocol: Protocol::Tcp,
         });
-        state.apply(upsert(vec![Resource::Service(dns), Resource::EndpointSlice(s)]));
-        assert_eq!(backends_of(&state, fe("10.96.0.53", 53)), addrs(&["10.0.0.1:5353"]));
+        state.apply(upsert(vec![
+            Resource::Service(dns),
+            Resource::EndpointSlice(s),
+        ]));
+        assert_eq!(
+            backends_of(&state, fe("10.96.0.53", 53)),
+            addrs(&["10.0.0.1:5353"])
+        );
         let udp = Frontend {
             protocol: Protocol::Udp,
             ..fe("10.96.0.53", 53)
@@ -905,7 +935,10 @@ mod tests {
                 &[(Some("http"), 8081), (None, 8080)],
             )),
         ]));
-        assert_eq!(backends_of(&state, fe("10.96.0.1", 80)), addrs(&["10.0.0.1:8080"]));
+        assert_eq!(
+            backends_of(&state, fe("10.96.0.1", 80)),
+            addrs(&["10.0.0.1:8080"])
+        );
     }
 
     #[test]
@@ -921,7 +954,12 @@ mod tests {
                 vec![endpoint(&["10.0.0.3", "10.0.0.1"]), not_ready],
                 &[(None, 8080)],
             )),
-            Resource::EndpointSlice(slice("a-2", "a", vec![endpoint(&["10.0.0.2", "10.0.0.3"])], &[(None, 8080)])),
+            Resource::EndpointSlice(slice(
+                "a-2",
+                "a",
+                vec![endpoint(&["10.0.0.2", "10.0.0.3"])],
+                &[(None, 8080)],
+            )),
         ]));
         assert_eq!(
             backends_of(&state, fe("10.96.0.1", 80)),
@@ -932,7 +970,11 @@ mod tests {
     #[test]
     fn service_without_endpoints_has_an_empty_frontend() {
         let mut state = State::default();
-        let applied = state.apply(upsert(vec![Resource::Service(service("a", &["10.96.0.1"], vec![tcp(None, 80)]))]));
+        let applied = state.apply(upsert(vec![Resource::Service(service(
+            "a",
+            &["10.96.0.1"],
+            vec![tcp(None, 80)],
+        ))]));
         assert_eq!(applied.changes.len(), 1);
         assert!(backends_of(&state, fe("10.96.0.1", 80)).is_empty());
     }
@@ -953,18 +995,33 @@ mod tests {
         };
         assert!(matches!(error, Error::EndpointSliceWithoutService { .. }));
         let message = error.to_string();
-        for part in ["slices.yaml", "EndpointSlice default/a-1", "Service default/a", "kubernetes.io/service-name"] {
+        for part in [
+            "slices.yaml",
+            "EndpointSlice default/a-1",
+            "Service default/a",
+            "kubernetes.io/service-name",
+        ] {
             assert!(message.contains(part), "{message:?} lacks {part:?}");
         }
 
-        let applied = state.apply(upsert(vec![Resource::Service(service("a", &["10.96.0.1"], vec![tcp(None, 80)]))]));
+        let applied = state.apply(upsert(vec![Resource::Service(service(
+            "a",
+            &["10.96.0.1"],
+            vec![tcp(None, 80)],
+        ))]));
         assert!(applied.errors.is_empty());
         assert_eq!(applied.error_count, 0);
-        assert_eq!(backends_of(&state, fe("10.96.0.1", 80)), addrs(&["10.0.0.1:8080"]));
+        assert_eq!(
+            backends_of(&state, fe("10.96.0.1", 80)),
+            addrs(&["10.0.0.1:8080"])
+        );
 
         // The service goes again: its frontend goes, the slice is orphaned again.
         let applied = state.apply(delete(Kind::Service, "a"));
-        assert_eq!(applied.changes, FrontendChanges::from([(fe("10.96.0.1", 80), None)]));
+        assert_eq!(
+            applied.changes,
+            FrontendChanges::from([(fe("10.96.0.1", 80), None)])
+        );
         assert_eq!(applied.error_count, 1);
         // Deleting the slice clears the problem.
         let applied = state.apply(delete(Kind::EndpointSlice, "a-1"));
@@ -975,7 +1032,12 @@ mod tests {
     #[test]
     fn errors_are_reported_once() {
         let mut state = State::default();
-        let orphan = Resource::EndpointSlice(slice("a-1", "a", vec![endpoint(&["10.0.0.1"])], &[(None, 8080)]));
+        let orphan = Resource::EndpointSlice(slice(
+            "a-1",
+            "a",
+            vec![endpoint(&["10.0.0.1"])],
+            &[(None, 8080)],
+        ));
         assert_eq!(state.apply(upsert(vec![orphan.clone()])).errors.len(), 1);
         let mut changed = orphan.clone();
         if let Resource::EndpointSlice(s) = &mut changed {
@@ -992,7 +1054,12 @@ mod tests {
         state.apply(upsert(vec![
             Resource::Service(service("a", &["10.96.0.1"], vec![tcp(None, 80)])),
             Resource::Service(service("b", &["10.96.0.2"], vec![tcp(None, 80)])),
-            Resource::EndpointSlice(slice("x", "a", vec![endpoint(&["10.0.0.1"])], &[(None, 8080)])),
+            Resource::EndpointSlice(slice(
+                "x",
+                "a",
+                vec![endpoint(&["10.0.0.1"])],
+                &[(None, 8080)],
+            )),
         ]));
         let applied = state.apply(upsert(vec![Resource::EndpointSlice(slice(
             "x",
@@ -1002,14 +1069,25 @@ mod tests {
         ))]));
         assert_eq!(applied.changes.len(), 2);
         assert!(backends_of(&state, fe("10.96.0.1", 80)).is_empty());
-        assert_eq!(backends_of(&state, fe("10.96.0.2", 80)), addrs(&["10.0.0.1:8080"]));
+        assert_eq!(
+            backends_of(&state, fe("10.96.0.2", 80)),
+            addrs(&["10.0.0.1:8080"])
+        );
     }
 
     #[test]
     fn port_change_replaces_frontends() {
         let mut state = State::default();
-        state.apply(upsert(vec![Resource::Service(service("a", &["10.96.0.1"], vec![tcp(None, 80)]))]));
-        let applied = state.apply(upsert(vec![Resource::Service(service("a", &["10.96.0.1"], vec![tcp(None, 81)]))]));
+        state.apply(upsert(vec![Resource::Service(service(
+            "a",
+            &["10.96.0.1"],
+            vec![tcp(None, 80)],
+        ))]));
+        let applied = state.apply(upsert(vec![Resource::Service(service(
+            "a",
+            &["10.96.0.1"],
+            vec![tcp(None, 81)],
+        ))]));
         assert_eq!(applied.changes.len(), 2);
         assert_eq!(applied.changes[&fe("10.96.0.1", 80)], None);
         assert!(applied.changes[&fe("10.96.0.1", 81)].is_some());
@@ -1021,7 +1099,10 @@ mod tests {
         let mut svc = service("a", &["10.96.0.1"], vec![tcp(None, 80)]);
         svc.affinity = Affinity::ClientIp;
         state.apply(upsert(vec![Resource::Service(svc)]));
-        assert_eq!(state.frontends()[&fe("10.96.0.1", 80)].affinity, Affinity::ClientIp);
+        assert_eq!(
+            state.frontends()[&fe("10.96.0.1", 80)].affinity,
+            Affinity::ClientIp
+        );
     }
 
     fn many_endpoints(n: usize) -> Vec<Endpoint> {
@@ -1055,7 +1136,14 @@ mod tests {
             panic!("expected one error: {:?}", applied.errors)
         };
         let message = error.to_string();
-        for part in ["services.yaml", "Service default/a", "spec.ports[0]", "10.96.0.1:80/TCP", &format!("{}", max + 1), &max.to_string()] {
+        for part in [
+            "services.yaml",
+            "Service default/a",
+            "spec.ports[0]",
+            "10.96.0.1:80/TCP",
+            &format!("{}", max + 1),
+            &max.to_string(),
+        ] {
             assert!(message.contains(part), "{message:?} lacks {part:?}");
         }
 
@@ -1088,8 +1176,18 @@ mod tests {
         let mut state = State::default();
         state.apply(upsert(vec![
             Resource::Service(service("b", &["10.96.0.1"], vec![tcp(None, 80)])),
-            Resource::EndpointSlice(slice("b-1", "b", vec![endpoint(&["10.0.0.2"])], &[(None, 8080)])),
-            Resource::EndpointSlice(slice("a-1", "a", vec![endpoint(&["10.0.0.1"])], &[(None, 8080)])),
+            Resource::EndpointSlice(slice(
+                "b-1",
+                "b",
+                vec![endpoint(&["10.0.0.2"])],
+                &[(None, 8080)],
+            )),
+            Resource::EndpointSlice(slice(
+                "a-1",
+                "a",
+                vec![endpoint(&["10.0.0.1"])],
+                &[(None, 8080)],
+            )),
         ]));
         // "a" sorts first but comes later: "b" keeps the frontend.
         let mut a = service("a", &["10.96.0.1"], vec![tcp(None, 80)]);
@@ -1101,16 +1199,31 @@ mod tests {
             panic!("expected one error: {:?}", applied.errors)
         };
         let message = error.to_string();
-        for part in ["other.yaml", "Service default/a", "spec.ports[0]", "10.96.0.1:80/TCP", "Service default/b", "services.yaml"] {
+        for part in [
+            "other.yaml",
+            "Service default/a",
+            "spec.ports[0]",
+            "10.96.0.1:80/TCP",
+            "Service default/b",
+            "services.yaml",
+        ] {
             assert!(message.contains(part), "{message:?} lacks {part:?}");
         }
 
         // "b" goes: "a" takes over, and the problem is gone.
         let applied = state.apply(delete(Kind::Service, "b"));
-        assert_eq!(applied.error_count, 1, "{:?}", state.errors().collect::<Vec<_>>()); // b-1 is orphaned now
+        assert_eq!(
+            applied.error_count,
+            1,
+            "{:?}",
+            state.errors().collect::<Vec<_>>()
+        ); // b-1 is orphaned now
         assert_eq!(applied.changes.len(), 1);
         assert_eq!(state.frontends()[&fe("10.96.0.1", 80)].service, id("a"));
-        assert_eq!(backends_of(&state, fe("10.96.0.1", 80)), addrs(&["10.0.0.1:8080"]));
+        assert_eq!(
+            backends_of(&state, fe("10.96.0.1", 80)),
+            addrs(&["10.0.0.1:8080"])
+        );
     }
 
     #[test]
@@ -1124,9 +1237,16 @@ mod tests {
         assert_eq!(applied.errors.len(), 1);
         assert_eq!(applied.error_count, 1);
         // The loser changing its port resolves the conflict without touching the winner.
-        let applied = state.apply(upsert(vec![Resource::Service(service("z", &["10.96.0.1"], vec![tcp(None, 81)]))]));
+        let applied = state.apply(upsert(vec![Resource::Service(service(
+            "z",
+            &["10.96.0.1"],
+            vec![tcp(None, 81)],
+        ))]));
         assert_eq!(applied.error_count, 0);
-        assert_eq!(applied.changes.keys().collect::<Vec<_>>(), [&fe("10.96.0.1", 81)]);
+        assert_eq!(
+            applied.changes.keys().collect::<Vec<_>>(),
+            [&fe("10.96.0.1", 81)]
+        );
     }
 
     #[test]
@@ -1135,16 +1255,34 @@ mod tests {
         let objects = vec![
             Resource::Service(service("a", &["10.96.0.1"], vec![tcp(None, 80)])),
             Resource::Service(service("b", &["10.96.0.2"], vec![tcp(None, 80)])),
-            Resource::EndpointSlice(slice("a-1", "a", vec![endpoint(&["10.0.0.1"])], &[(None, 8080)])),
+            Resource::EndpointSlice(slice(
+                "a-1",
+                "a",
+                vec![endpoint(&["10.0.0.1"])],
+                &[(None, 8080)],
+            )),
         ];
-        assert_eq!(state.apply(update(true, objects.clone(), Vec::new())).changes.len(), 2);
+        assert_eq!(
+            state
+                .apply(update(true, objects.clone(), Vec::new()))
+                .changes
+                .len(),
+            2
+        );
         // A relist of the same objects changes nothing.
         let applied = state.apply(update(true, objects.clone(), Vec::new()));
         assert!(applied.changes.is_empty());
         assert!(applied.errors.is_empty());
         // A relist without "b": only b's frontend goes.
-        let applied = state.apply(update(true, vec![objects[0].clone(), objects[2].clone()], Vec::new()));
-        assert_eq!(applied.changes, FrontendChanges::from([(fe("10.96.0.2", 80), None)]));
+        let applied = state.apply(update(
+            true,
+            vec![objects[0].clone(), objects[2].clone()],
+            Vec::new(),
+        ));
+        assert_eq!(
+            applied.changes,
+            FrontendChanges::from([(fe("10.96.0.2", 80), None)])
+        );
         // A relist without the slice: a's frontend loses its backend.
         let applied = state.apply(update(true, vec![objects[0].clone()], Vec::new()));
         assert_eq!(applied.changes.len(), 1);
@@ -1156,7 +1294,10 @@ mod tests {
         let mut state = State::default();
         let workload = Workload {
             meta: meta("web-0", "workloads.yaml"),
-            addresses: vec![IpAddr::from([10, 0, 0, 1]), IpAddr::from(Ipv6Addr::LOCALHOST)],
+            addresses: vec![
+                IpAddr::from([10, 0, 0, 1]),
+                IpAddr::from(Ipv6Addr::LOCALHOST),
+            ],
             service_account: "web".to_owned(),
             netns: None,
             interface: Some("veth0".to_owned()),
@@ -1166,8 +1307,16 @@ mod tests {
         assert!(applied.workloads_changed);
         assert!(applied.changes.is_empty());
         assert_eq!(state.workloads().collect::<Vec<_>>(), [&workload]);
-        assert!(!state.apply(upsert(vec![Resource::Workload(workload)])).workloads_changed);
-        assert!(state.apply(delete(Kind::Workload, "web-0")).workloads_changed);
+        assert!(
+            !state
+                .apply(upsert(vec![Resource::Workload(workload)]))
+                .workloads_changed
+        );
+        assert!(
+            state
+                .apply(delete(Kind::Workload, "web-0"))
+                .workloads_changed
+        );
         assert_eq!(state.workloads().count(), 0);
     }
 
@@ -1187,7 +1336,12 @@ mod tests {
         let endpoints = |i: usize, n: usize| {
             (0..n)
                 .map(|b| Endpoint {
-                    addresses: vec![IpAddr::from([10, (i / 256) as u8, (i % 256) as u8, b as u8])],
+                    addresses: vec![IpAddr::from([
+                        10,
+                        (i / 256) as u8,
+                        (i % 256) as u8,
+                        b as u8,
+                    ])],
                     ready: true,
                 })
                 .collect()
@@ -1206,7 +1360,12 @@ mod tests {
         let applied = state.apply(update(true, objects.clone(), Vec::new()));
         assert_eq!(applied.changes.len(), SERVICES);
         assert_eq!(applied.error_count, 0);
-        assert!(state.frontends().values().all(|s| s.backends.len() == BACKENDS));
+        assert!(
+            state
+                .frontends()
+                .values()
+                .all(|s| s.backends.len() == BACKENDS)
+        );
 
         // One backend more for one service: exactly its frontend changes.
         let applied = state.apply(upsert(vec![Resource::EndpointSlice(slice(

@@ -24,6 +24,8 @@ pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent may take to exit after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Set to `1` to print the agent's log tail after every test, not only failing ones.
+pub const SHOW_LOG_ENV: &str = "MYCEL_TEST_SHOW_LOG";
 /// Lines of the agent's log shown when a test fails.
 const LOG_TAIL_LINES: usize = 60;
 
@@ -292,7 +294,7 @@ impl Agent<'_> {
 
 impl Drop for Agent<'_> {
     fn drop(&mut self) {
-        if thread::panicking() {
+        if thread::panicking() || std::env::var(SHOW_LOG_ENV).as_deref() == Ok("1") {
             eprintln!(
                 "---- agent log tail ({}) ----\n{}\n---- end of agent log ----",
                 self.log.display(),
@@ -324,7 +326,27 @@ pub struct ServiceInfo {
     /// The session affinity, as the agent reports it.
     pub affinity: serde_json::Value,
     /// Backends as `ip:port` (IPv6 as `[ip]:port`).
+    #[serde(deserialize_with = "backend_addresses")]
     pub backends: Vec<String>,
+}
+
+/// A backend as `/debug/services` lists it: `"ip:port"`, or an object with an `address`
+/// (and further fields, such as its slot).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BackendEntry {
+    Address(String),
+    Object { address: String },
+}
+
+fn backend_addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let entries = Vec::<BackendEntry>::deserialize(d)?;
+    Ok(entries
+        .into_iter()
+        .map(|e| match e {
+            BackendEntry::Address(a) | BackendEntry::Object { address: a } => a,
+        })
+        .collect())
 }
 
 impl ServiceInfo {
@@ -481,12 +503,28 @@ mod tests {
     #[test]
     fn parses_responses() {
         let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-        assert_eq!(parse_response(plain).expect("plain response"), (200, "ok".to_owned()));
+        assert_eq!(
+            parse_response(plain).expect("plain response"),
+            (200, "ok".to_owned())
+        );
         let chunked =
             b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nnot\r\n6\r\n ready\r\n0\r\n\r\n";
         assert_eq!(
             parse_response(chunked).expect("chunked response"),
             (503, "not ready".to_owned())
         );
+    }
+
+    #[test]
+    fn parses_service_entries() {
+        let list: Vec<ServiceInfo> = serde_json::from_str(
+            r#"[{"namespace":"default","name":"a","address":"10.96.0.10","port":80,
+                 "backends":["10.0.0.2:8080"]},
+                {"namespace":"default","name":"b","address":"fd00:96::10","port":80,
+                 "backends":[{"slot":0,"address":"[fd00::2]:8080"}]}]"#,
+        )
+        .expect("service list");
+        assert_eq!(list[0].backends, ["10.0.0.2:8080"]);
+        assert_eq!(list[1].backends, ["[fd00::2]:8080"]);
     }
 }

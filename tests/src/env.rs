@@ -301,8 +301,8 @@ fn owner_pid(name: &str, prefix: &str) -> Option<i32> {
     name.strip_prefix(prefix)?.split('-').next()?.parse().ok()
 }
 
-/// Once per process: removes network namespaces, cgroups and bpffs directories that this
-/// harness created in earlier runs whose process is gone (crashed or killed).
+/// Once per process: removes network namespaces, cgroups, temporary and bpffs directories
+/// that this harness created in earlier runs whose process is gone (crashed or killed).
 pub fn cleanup_stale() {
     static ONCE: Mutex<bool> = Mutex::new(false);
     let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
@@ -329,6 +329,14 @@ pub fn cleanup_stale() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if owner_pid(&name, DIR_PREFIX).is_some_and(stale) {
                 remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if owner_pid(&name, DIR_PREFIX).is_some_and(stale) {
+                let _ = fs::remove_dir_all(entry.path());
             }
         }
     }

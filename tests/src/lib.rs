@@ -29,6 +29,7 @@
 //! fails it when `MYCEL_REQUIRE_PRIVILEGED=1` (as CI sets).
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod agent;
 pub mod env;

@@ -11,6 +11,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
@@ -100,6 +101,38 @@ pub fn ip_batch(netns: Option<&str>, lines: &[String]) {
 pub fn add(name: &str) {
     ip(&["netns", "add", name]);
     ip(&["-n", name, "link", "set", "lo", "up"]);
+}
+
+/// Waits (up to `timeout`) until the device `dev` in namespace `netns` is operational: up
+/// with carrier and its queueing discipline attached. Until the kernel's link watcher has
+/// run (it batches events, up to a second later under load), a new device still has the
+/// `noop` qdisc and drops what is sent through it, e.g. a first SYN.
+pub fn wait_link_ready(netns: &str, dev: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let out = Command::new("ip")
+            .args(["-n", netns, "-o", "link", "show", "dev", dev])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `ip link show`: {e}"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ready = out.status.success()
+            && text.contains("LOWER_UP")
+            && !text.contains("qdisc noop")
+            && !text.contains("state DOWN")
+            && !text.contains("state LOWERLAYERDOWN");
+        if ready {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{dev} in netns {netns} not operational after {timeout:?}: {}",
+            text.trim()
+        );
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
 }
 
 /// Deletes a named network namespace; errors (e.g. already gone) are ignored.

@@ -31,6 +31,8 @@ use crate::testpod::{ClientReport, HoldEvent};
 pub const NODE_IPV4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 /// The node's IPv6 address on the bridge (the pods' IPv6 gateway).
 pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+/// How long a new pod's interfaces may take to become operational.
+const LINK_READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a test-pod server may take to start listening.
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -161,6 +163,13 @@ impl Node {
                 format!("route add default via {NODE_IPV6}"),
             ],
         );
+        for (ns, dev) in [
+            (pod.netns.as_str(), "eth0"),
+            (self.netns.as_str(), pod.host_if.as_str()),
+            (self.netns.as_str(), "br0"),
+        ] {
+            netns::wait_link_ready(ns, dev, LINK_READY_TIMEOUT);
+        }
         pod
     }
 

@@ -7,7 +7,7 @@ use std::io::{BufRead as _, BufReader, Read, Write as _};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -27,7 +27,23 @@ impl Captured {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn reader(self: Arc<Self>, stream: impl Read + Send + 'static) -> JoinHandle<()> {
+    /// Waits until the stream ended or `deadline` passed.
+    fn wait_eof(&self, deadline: Instant) {
+        let mut state = self.lock();
+        while !state.1 {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn reader(self: Arc<Self>, stream: impl Read + Send + 'static) {
         thread::spawn(move || {
             let mut reader = BufReader::new(stream);
             let mut line = Vec::new();
@@ -46,7 +62,7 @@ impl Captured {
             }
             self.lock().1 = true;
             self.changed.notify_all();
-        })
+        });
     }
 }
 
@@ -58,7 +74,6 @@ pub struct Proc {
     stdin: Option<ChildStdin>,
     stdout: Arc<Captured>,
     stderr: Arc<Captured>,
-    readers: Vec<JoinHandle<()>>,
     status: Option<ExitStatus>,
 }
 
@@ -142,12 +157,11 @@ impl Proc {
         };
         let stdout = Arc::new(Captured::default());
         let stderr = Arc::new(Captured::default());
-        let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
-            readers.push(Arc::clone(&stdout).reader(out));
+            Arc::clone(&stdout).reader(out);
         }
         if let Some(err) = child.stderr.take() {
-            readers.push(Arc::clone(&stderr).reader(err));
+            Arc::clone(&stderr).reader(err);
         }
         Proc {
             desc,
@@ -155,7 +169,6 @@ impl Proc {
             child,
             stdout,
             stderr,
-            readers,
             status: None,
         }
     }
@@ -277,8 +290,11 @@ impl Proc {
                 crate::env::tail(&self.stderr(), 20)
             );
         };
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
+        // The output ends when the last holder of the pipes exits; bounded in case the
+        // child left a grandchild holding them.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for captured in [&self.stdout, &self.stderr] {
+            captured.wait_eof(deadline);
         }
         (status, self.stdout(), self.stderr())
     }

@@ -277,6 +277,7 @@ fn scaling_endpoints_changes_new_connections_within_a_second() {
         ms < 1000.0,
         "scaling up took {ms} ms to reach new connections"
     );
+    println!("scaling up reached new connections after {ms:.1} ms");
     let report = client.tcp_client(vip, 100);
     let answers = expect_all_via(&report, vip, "after scaling up");
     assert_eq!(
@@ -309,6 +310,7 @@ fn scaling_endpoints_changes_new_connections_within_a_second() {
         ms < 1000.0,
         "scaling down took {ms} ms to stop reaching removed backends"
     );
+    println!("scaling down stopped reaching removed backends after {ms:.1} ms");
     let report = client.tcp_client(vip, 100);
     let answers = expect_all_via(&report, vip, "after scaling down");
     assert_eq!(

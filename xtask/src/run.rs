@@ -10,16 +10,12 @@ use crate::{cmd::Cmd, setup, workspace::Ctx};
 /// The benchmarks `mycel-bench` knows.
 pub const BENCHES: &[(&str, &str)] = &[(
     "lb",
-    "service load balancing: connect() to a ClusterIP through the connect4 hook",
+    "socket-level load balancing: ClusterIP vs direct connections, and map programming time",
 )];
 
 /// Runs the demo; needs root.
 pub fn demo(ctx: &Ctx) -> anyhow::Result<i32> {
-    ensure!(
-        ctx.is_root,
-        "`cargo xtask demo` needs root: it creates network namespaces and loads eBPF \
-         programs. Run it again as root"
-    );
+    require_root(ctx, "demo")?;
     setup::run(ctx, setup::Options::default())?;
     let bins = build(ctx)?;
     run_bin(ctx, &bins, "mycel-demo", &[])
@@ -37,11 +33,21 @@ pub fn bench(ctx: &Ctx, name: &str, args: &[String]) -> anyhow::Result<i32> {
             known.join("\n")
         );
     }
+    require_root(ctx, "bench")?;
     setup::run(ctx, setup::Options::default())?;
     let bins = build(ctx)?;
     let mut bench_args = vec![name.to_owned()];
     bench_args.extend_from_slice(args);
     run_bin(ctx, &bins, "mycel-bench", &bench_args)
+}
+
+fn require_root(ctx: &Ctx, task: &str) -> anyhow::Result<()> {
+    ensure!(
+        ctx.is_root,
+        "`cargo xtask {task}` needs root: it creates network namespaces and cgroups and loads \
+         eBPF programs. Run it again as root"
+    );
+    Ok(())
 }
 
 /// Builds the agent and the test programs in release mode; returns their directory.

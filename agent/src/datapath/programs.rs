@@ -7,7 +7,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::{FdLink, PinnedLink}},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -122,7 +125,10 @@ fn is_bpffs(path: &Path) -> bool {
     }
     // SAFETY: statfs returned 0, so it filled `st`.
     let st = unsafe { st.assume_init() };
-    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
+    #[expect(
+        clippy::unnecessary_cast,
+        reason = "f_type's width differs between libcs"
+    )]
     let magic = st.f_type as i64;
     magic == BPF_FS_MAGIC
 }
@@ -260,7 +266,9 @@ fn load_and_attach(ebpf: &mut Ebpf, name: &str, cgroup: &fs::File) -> Result<FdL
 /// Unpins every link (detaching the programs once this process lets go of them).
 pub(super) fn detach_all(attached: Vec<AttachedProgram>) -> Result<(), Error> {
     for a in attached {
-        let AttachedProgram { name, pin, _link, .. } = a;
+        let AttachedProgram {
+            name, pin, _link, ..
+        } = a;
         let link = _link.unpin().map_err(|e| Error::Link {
             name,
             path: pin.clone(),

@@ -14,17 +14,17 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
-use mycel_common::{
-    service::{
-        Backend, BackendKey, MAGLEV_TABLE_SIZE, MAX_SERVICES, MaglevTable, PROTO_TCP, PROTO_UDP,
-        SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, is_v4_mapped, v4_mapped,
-    },
+use mycel_common::service::{
+    Backend, BackendKey, MAGLEV_TABLE_SIZE, MAX_SERVICES, MaglevTable, PROTO_TCP, PROTO_UDP,
+    SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, is_v4_mapped, v4_mapped,
 };
 use serde::Serialize;
 use tracing::{debug, warn};
 
 use super::Error;
-use crate::state::{Affinity, Frontend, FrontendChanges, FrontendSpec, ObjectRef, Protocol, maglev};
+use crate::state::{
+    Affinity, Frontend, FrontendChanges, FrontendSpec, ObjectRef, Protocol, maglev,
+};
 
 const SERVICES: &str = "SERVICES";
 const BACKENDS: &str = "BACKENDS";
@@ -73,12 +73,12 @@ impl ServiceMaps {
     /// Takes the maps out of a loaded object and reads back what they already hold (a
     /// previous agent's state, when the maps were pinned).
     pub(super) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, Error> {
-        let mut take = |name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or(Error::MissingMap { map: name })
-        };
-        let services = BpfHashMap::try_from(take(SERVICES)?).map_err(|e| Error::map(SERVICES, e))?;
-        let backends = BpfHashMap::try_from(take(BACKENDS)?).map_err(|e| Error::map(BACKENDS, e))?;
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap { map: name });
+        let services =
+            BpfHashMap::try_from(take(SERVICES)?).map_err(|e| Error::map(SERVICES, e))?;
+        let backends =
+            BpfHashMap::try_from(take(BACKENDS)?).map_err(|e| Error::map(BACKENDS, e))?;
         let maglev = BpfHashMap::try_from(take(MAGLEV)?).map_err(|e| Error::map(MAGLEV, e))?;
         let mut maps = Self {
             services,
@@ -122,7 +122,10 @@ impl ServiceMaps {
         }
         self.used_ids = programmed.values().map(|p| p.id).collect();
         self.programmed = programmed;
-        debug!(frontends = self.programmed.len(), "read back pinned service maps");
+        debug!(
+            frontends = self.programmed.len(),
+            "read back pinned service maps"
+        );
         Ok(())
     }
 
@@ -136,17 +139,18 @@ impl ServiceMaps {
 
     /// Number of frontends found in pinned maps when the agent started.
     pub fn taken_over(&self) -> usize {
-        self.programmed.values().filter(|p| p.owner.is_none()).count()
+        self.programmed
+            .values()
+            .filter(|p| p.owner.is_none())
+            .count()
     }
 
     /// Makes the maps hold exactly `desired`: writes what differs and removes every frontend
     /// (and stray backend slot) not in it. Used once after start-up, when the maps may hold
     /// a previous agent's state.
     pub fn sync(&mut self, desired: &BTreeMap<Frontend, FrontendSpec>) -> (ApplyStats, Vec<Error>) {
-        let mut changes: FrontendChanges = desired
-            .iter()
-            .map(|(f, s)| (*f, Some(s.clone())))
-            .collect();
+        let mut changes: FrontendChanges =
+            desired.iter().map(|(f, s)| (*f, Some(s.clone()))).collect();
         let wanted: BTreeSet<ServiceKey> = desired.keys().map(frontend_key).collect();
         let stale: Vec<ServiceKey> = self
             .programmed
@@ -208,7 +212,10 @@ impl ServiceMaps {
             None => (self.allocate_id()?, Vec::new(), 0),
         };
         let slots = assign_slots(&old_slots, &wanted);
-        if previous.as_ref().is_some_and(|p| p.slots == slots && p.flags == flags) {
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.slots == slots && p.flags == flags)
+        {
             if let Some(p) = self.programmed.get_mut(&key) {
                 p.owner = owner;
             }
@@ -217,7 +224,9 @@ impl ServiceMaps {
 
         let mut undo = Vec::new();
         let what = || format!("{} {}", spec.service, display_frontend(frontend));
-        let result = self.write_frontend(key, id, flags, &old_slots, &slots, old_flags, &mut undo, stats);
+        let result = self.write_frontend(
+            key, id, flags, &old_slots, &slots, old_flags, &mut undo, stats,
+        );
         match result {
             Ok(()) => {
                 self.used_ids.insert(id);
@@ -248,7 +257,10 @@ impl ServiceMaps {
         }
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one call site; the pieces of one write")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site; the pieces of one write"
+    )]
     fn write_frontend(
         &mut self,
         key: ServiceKey,
@@ -309,13 +321,17 @@ impl ServiceMaps {
             };
             match self.backends.remove(&bk) {
                 Ok(()) | Err(MapError::KeyNotFound) => stats.map_deletes += 1,
-                Err(e) => warn!(error = %e, slot, service_id = id, "removing an unused backend slot failed"),
+                Err(e) => {
+                    warn!(error = %e, slot, service_id = id, "removing an unused backend slot failed")
+                }
             }
         }
         if flags & SVC_FLAG_AFFINITY == 0 && old_flags & SVC_FLAG_AFFINITY != 0 {
             match self.maglev.remove(&id) {
                 Ok(()) | Err(MapError::KeyNotFound) => stats.map_deletes += 1,
-                Err(e) => warn!(error = %e, service_id = id, "removing an unused Maglev table failed"),
+                Err(e) => {
+                    warn!(error = %e, service_id = id, "removing an unused Maglev table failed")
+                }
             }
         }
         Ok(())
@@ -378,7 +394,11 @@ impl ServiceMaps {
             .backends
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| by_id.get(&k.service_id).is_none_or(|n| k.slot as usize >= *n))
+            .filter(|k| {
+                by_id
+                    .get(&k.service_id)
+                    .is_none_or(|n| k.slot as usize >= *n)
+            })
             .collect();
         let mut removed = 0;
         for k in stray {
@@ -409,7 +429,11 @@ impl ServiceMaps {
         // in-flight lookup might still read) is not handed out again at once.
         for _ in 0..MAX_SERVICES {
             let id = self.next_id;
-            self.next_id = if self.next_id >= MAX_SERVICES { 1 } else { self.next_id + 1 };
+            self.next_id = if self.next_id >= MAX_SERVICES {
+                1
+            } else {
+                self.next_id + 1
+            };
             if !self.used_ids.contains(&id) {
                 return Ok(id);
             }
@@ -428,7 +452,10 @@ impl ServiceMaps {
 
 fn is_full(e: &MapError) -> bool {
     match e {
-        MapError::SyscallError(s) => matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)),
+        MapError::SyscallError(s) => matches!(
+            s.io_error.raw_os_error(),
+            Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+        ),
         _ => false,
     }
 }
@@ -623,10 +650,16 @@ mod tests {
     #[test]
     fn slots_stay_put_when_backends_stay() {
         let old = vec![b(1), b(2), b(3)];
-        assert_eq!(assign_slots(&old, &[b(1), b(2), b(3), b(4)]), vec![b(1), b(2), b(3), b(4)]);
+        assert_eq!(
+            assign_slots(&old, &[b(1), b(2), b(3), b(4)]),
+            vec![b(1), b(2), b(3), b(4)]
+        );
         // Removing the middle one moves only the last into its place.
         assert_eq!(assign_slots(&old, &[b(1), b(3)]), vec![b(1), b(3)]);
-        assert_eq!(assign_slots(&old, &[b(1), b(3), b(5)]), vec![b(1), b(5), b(3)]);
+        assert_eq!(
+            assign_slots(&old, &[b(1), b(3), b(5)]),
+            vec![b(1), b(5), b(3)]
+        );
         assert_eq!(assign_slots(&old, &[b(2), b(3)]), vec![b(3), b(2)]);
         assert_eq!(assign_slots(&old, &[]), Vec::<Backend>::new());
         assert_eq!(assign_slots(&[], &[b(7), b(8)]), vec![b(7), b(8)]);

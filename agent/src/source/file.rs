@@ -25,7 +25,10 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use notify::{
+    EventKind, RecommendedWatcher, RecursiveMode, Watcher,
+    event::{AccessKind, AccessMode, ModifyKind},
+};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml_ng::Value;
 use tokio::sync::mpsc;
@@ -36,9 +39,14 @@ use super::{
 };
 use crate::state::{Kind, Origin, Resource, ResourceKey, Update};
 
-/// How long to collect filesystem events after the first of a burst: editors and atomic
-/// renames produce several events for one save.
-const COALESCE: Duration = Duration::from_millis(10);
+/// A burst of filesystem events (editors and atomic renames produce several for one save)
+/// is over when no event came for this long...
+const QUIET: Duration = Duration::from_millis(2);
+/// ...or at the latest this long after its first event, so a constant stream of writes
+/// still gets applied.
+const COALESCE_MAX: Duration = Duration::from_millis(50);
+/// How long a batch waits at most for a writer to close a file it wrote to.
+const WRITE_LIMIT: Duration = Duration::from_secs(1);
 /// Events the agent has not taken yet before the source waits for it.
 const CHANNEL_CAPACITY: usize = 64;
 
@@ -117,7 +125,12 @@ struct Worker {
 /// Filesystem events collected over one coalescing window.
 #[derive(Default)]
 struct Batch {
+    /// Files to read again.
     paths: BTreeSet<PathBuf>,
+    /// Files a writer has open: written to, not closed yet. Reading them now could see half
+    /// a file (`>` and `cp` truncate first), so the batch waits for them to close.
+    writing: BTreeSet<PathBuf>,
+    /// Read the whole directory again.
     rescan: bool,
     errors: Vec<Error>,
 }
@@ -149,15 +162,23 @@ impl Worker {
         while let Ok(first) = self.events.recv() {
             let seen = Instant::now();
             let mut batch = Batch::default();
-            self.collect(first, &mut batch);
-            let deadline = seen + COALESCE;
+            if !self.collect(first, &mut batch) {
+                continue;
+            }
             loop {
-                let left = deadline.saturating_duration_since(Instant::now());
+                let until = if batch.writing.is_empty() {
+                    (Instant::now() + QUIET).min(seen + COALESCE_MAX)
+                } else {
+                    seen + WRITE_LIMIT
+                };
+                let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
                 }
                 match self.events.recv_timeout(left) {
-                    Ok(event) => self.collect(event, &mut batch),
+                    Ok(event) => {
+                        self.collect(event, &mut batch);
+                    }
                     Err(std_mpsc::RecvTimeoutError::Timeout) => break,
                     Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
                 }
@@ -174,7 +195,15 @@ impl Worker {
                     Err(e) => errors.push(e),
                 }
             }
+            let files = paths.len();
             let changes = self.files.refresh(paths);
+            tracing::debug!(
+                files,
+                upserts = changes.upserts.len(),
+                deletes = changes.deletes.len(),
+                errors = errors.len() + changes.errors.len(),
+                "file source read changed files"
+            );
             errors.extend(changes.errors);
             if !self.send_all(errors) {
                 return;
@@ -193,8 +222,8 @@ impl Worker {
         }
     }
 
-    /// Notes which files an event concerns.
-    fn collect(&self, event: notify::Result<notify::Event>, batch: &mut Batch) {
+    /// Notes which files an event concerns; false if it concerns none.
+    fn collect(&self, event: notify::Result<notify::Event>, batch: &mut Batch) -> bool {
         let event = match event {
             Ok(event) => event,
             Err(source) => {
@@ -204,15 +233,32 @@ impl Worker {
                     path: self.files.dir.clone(),
                     source,
                 });
-                return;
+                return true;
             }
         };
         if event.need_rescan() {
             batch.rescan = true;
+            return true;
         }
+        // Whether the event says a writer has the file open (true), is done with it (false),
+        // or neither (None).
+        let writing = match event.kind {
+            EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+                Some(true)
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Name(_)) => Some(false),
+            // Opening and reading, including our own reads: ignoring them keeps a read from
+            // causing another. Metadata (permissions, times) does not change the contents.
+            EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_)) => return false,
+            EventKind::Any | EventKind::Modify(ModifyKind::Other) | EventKind::Other => None,
+        };
+        let mut noted = false;
         for path in event.paths {
             if path == self.files.dir {
                 batch.rescan = true;
+                noted = true;
                 continue;
             }
             if path.parent() != Some(self.files.dir.as_path()) {
@@ -226,10 +272,18 @@ impl Worker {
                 // A Kubernetes ConfigMap volume swaps a `..data` symlink; the visible files
                 // are symlinks through it and see no event of their own.
                 batch.rescan = true;
+                noted = true;
             } else if is_config_file(&name) {
+                match writing {
+                    Some(true) => batch.writing.insert(path.clone()),
+                    Some(false) => batch.writing.remove(&path),
+                    None => false,
+                };
                 batch.paths.insert(path);
+                noted = true;
             }
         }
+        noted
     }
 
     fn send(&self, event: SourceEvent) -> bool {
@@ -237,9 +291,7 @@ impl Worker {
     }
 
     fn send_all(&self, errors: Vec<Error>) -> bool {
-        errors
-            .into_iter()
-            .all(|e| self.send(SourceEvent::Error(e)))
+        errors.into_iter().all(|e| self.send(SourceEvent::Error(e)))
     }
 }
 
@@ -385,7 +437,11 @@ impl Files {
 
         for (path, parsed) in outcomes {
             let old = match parsed {
-                None => self.files.remove(&path).map(|f| f.objects).unwrap_or_default(),
+                None => self
+                    .files
+                    .remove(&path)
+                    .map(|f| f.objects)
+                    .unwrap_or_default(),
                 Some((content, objects)) => {
                     let entry = self.files.entry(path.clone()).or_insert_with(|| FileEntry {
                         content: Vec::new(),
@@ -419,7 +475,7 @@ impl Files {
                     changes.errors.push(Error::Duplicate {
                         location: Location {
                             origin: resource.meta().origin.clone(),
-                            document: Some(*document),
+                            document: Some(saturate(*document)),
                             line: None,
                         },
                         key: key.clone(),
@@ -445,7 +501,12 @@ impl Files {
 fn read(path: &Path) -> io::Result<Option<Vec<u8>>> {
     match fs::read(path) {
         Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::IsADirectory) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::IsADirectory
+            ) =>
+        {
             Ok(None)
         }
         Err(e) => Err(e),
@@ -462,7 +523,7 @@ fn parse(
     for (index, document) in serde_yaml_ng::Deserializer::from_slice(bytes).enumerate() {
         let location = Location {
             origin: origin.clone(),
-            document: Some(index + 1),
+            document: Some(saturate(index + 1)),
             line: None,
         };
         let value = match Value::deserialize(document) {
@@ -500,7 +561,7 @@ fn parse(
 fn syntax_error(mut location: Location, error: &serde_yaml_ng::Error) -> Error {
     let mut message = error.to_string();
     if let Some(at) = error.location() {
-        location.line = Some((at.line(), at.column()));
+        location.line = Some((saturate(at.line()), saturate(at.column())));
         // The location is in `location`; don't say it twice.
         message = message.replacen(
             &format!(" at line {} column {}", at.line(), at.column()),
@@ -509,6 +570,11 @@ fn syntax_error(mut location: Location, error: &serde_yaml_ng::Error) -> Error {
         );
     }
     Error::Syntax { location, message }
+}
+
+/// A count or position for a message.
+fn saturate(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// One document to a resource; `None` for an empty document.
@@ -606,7 +672,7 @@ fn decode<T: DeserializeOwned>(
         .nth(index)
         .and_then(|document| serde_path_to_error::deserialize::<_, T>(document).err())
         .and_then(|e| e.inner().location())
-        .map(|at| (at.line(), at.column()));
+        .map(|at| (saturate(at.line()), saturate(at.column())));
     Err(vec![Error::Decode {
         location: Location {
             line,
@@ -617,4 +683,613 @@ fn decode<T: DeserializeOwned>(
         field: error.path().to_string(),
         message: error.inner().to_string(),
     }])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, path::Path};
+
+    use tokio::time::timeout;
+
+    use super::*;
+    use crate::state::ObjectRef;
+
+    const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - port: 80
+";
+
+    const SLICE: &str = "\
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+endpoints:
+- addresses: [10.0.0.1]
+ports:
+- port: 8080
+";
+
+    const WORKLOAD: &str = "\
+apiVersion: mycel.dev/v1alpha1
+kind: Workload
+metadata: {name: web-0}
+spec:
+  addresses: [10.0.0.1]
+  serviceAccount: web
+";
+
+    fn key(kind: Kind, name: &str) -> ResourceKey {
+        ResourceKey {
+            kind,
+            id: ObjectRef {
+                namespace: "default".to_owned(),
+                name: name.to_owned(),
+            },
+        }
+    }
+
+    fn keys(resources: &[Resource]) -> BTreeSet<ResourceKey> {
+        resources.iter().map(Resource::key).collect()
+    }
+
+    /// The messages of a file that fails to parse.
+    fn parse_errors(text: &[u8]) -> Vec<String> {
+        parse(&Origin::from("f.yaml"), text)
+            .expect_err("the file should fail")
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    // --- Parsing, without a watcher.
+
+    #[test]
+    fn multi_document_files_and_empty_documents() {
+        let text = format!("---\n# nothing here\n---\n{SERVICE}---\n{SLICE}---\n{WORKLOAD}\n---\n");
+        let objects = parse(&Origin::from("f.yaml"), text.as_bytes()).unwrap();
+        let documents: Vec<usize> = objects.values().map(|(d, _)| *d).collect();
+        assert_eq!(objects.len(), 3);
+        // The first `---` opens document 1, which holds only a comment.
+        assert_eq!(documents, [2, 3, 4]);
+        assert!(parse(&Origin::from("f.yaml"), b"").unwrap().is_empty());
+    }
+
+    #[test]
+    fn json_documents() {
+        let text = r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}, "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}}"#;
+        assert_eq!(
+            parse(&Origin::from("f.json"), text.as_bytes())
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_file_document_and_line() {
+        let text = format!("{SERVICE}---\nfoo: [\n");
+        assert_eq!(
+            parse_errors(text.as_bytes()),
+            [
+                "f.yaml:10:1 (document 2): did not find expected node content, while parsing a flow node"
+            ]
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_field_and_line() {
+        let text = SERVICE.replace("port: 80", "port: eighty");
+        assert_eq!(
+            parse_errors(text.as_bytes()),
+            [
+                r#"f.yaml:7:11 (document 1): Service default/web: spec.ports[0].port: invalid type: string "eighty", expected i32"#
+            ]
+        );
+        let text = WORKLOAD.replace("serviceAccount", "serviceAcount");
+        let m = parse_errors(text.as_bytes());
+        assert!(m[0].starts_with("f.yaml:6:3 (document 1): Workload default/web-0: spec.serviceAcount: unknown field `serviceAcount`, expected one of"), "{m:?}");
+    }
+
+    #[test]
+    fn unknown_kinds_are_named() {
+        let m = parse_errors(
+            format!("{SERVICE}---\napiVersion: apps/v1\nkind: Deployment\n").as_bytes(),
+        );
+        assert_eq!(
+            m,
+            [
+                r#"f.yaml (document 2): unknown kind "apps/v1" "Deployment" (supported: v1 Service, discovery.k8s.io/v1 EndpointSlice, mycel.dev/v1alpha1 Workload)"#
+            ]
+        );
+        let m = parse_errors(b"metadata: {name: x}\n");
+        assert!(m[0].contains("unknown kind (none) (none)"), "{m:?}");
+        let m = parse_errors(b"- a\n- b\n");
+        assert_eq!(
+            m,
+            ["f.yaml (document 1): expected an object with apiVersion and kind, found a list"]
+        );
+    }
+
+    #[test]
+    fn duplicate_objects_in_one_file() {
+        let m = parse_errors(format!("{SERVICE}---\n{SERVICE}").as_bytes());
+        assert_eq!(
+            m,
+            [
+                "f.yaml (document 2): Service default/web is also defined in document 1 of this file; remove one"
+            ]
+        );
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let inputs: [&[u8]; 8] = [
+            b"\xff\xfe\x00\x01garbage\x00",
+            b"\x00\x00\x00\x00",
+            b"{{{{",
+            b"apiVersion: v1\nkind: Service\n",
+            b"apiVersion: v1\nkind: Service\nspec: 5\n",
+            b"!!binary aGVsbG8=",
+            b"&a [*a]",
+            b"apiVersion: [1]\nkind: {a: b}\n",
+        ];
+        for input in inputs {
+            assert!(parse(&Origin::from("f.yaml"), input).is_err(), "{input:?}");
+        }
+        let deep = format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(parse(&Origin::from("f.yaml"), deep.as_bytes()).is_err());
+        let mut state = 0x1234_5678_u32;
+        for len in 0..300 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    b"ab: -[]{}\n\"'#&*!|>%@`,?\x00\xff"[(state % 24) as usize]
+                })
+                .collect();
+            let _ = parse(&Origin::from("f.yaml"), &bytes);
+        }
+    }
+
+    #[test]
+    fn config_file_names() {
+        for name in ["a.yaml", "b.yml", "c.json", "D.YAML"] {
+            assert!(is_config_file(name), "{name}");
+        }
+        for name in [
+            ".a.yaml",
+            "a.yaml~",
+            "#a.yaml#",
+            ".#a.yaml",
+            "a.yaml.swp",
+            "a.txt",
+            "yaml",
+            "..data",
+        ] {
+            assert!(!is_config_file(name), "{name}");
+        }
+    }
+
+    // --- The watcher.
+
+    const WAIT: Duration = Duration::from_secs(10);
+    /// How long to wait to be fairly sure that no event is coming.
+    const QUIET: Duration = Duration::from_millis(300);
+
+    async fn next(rx: &mut mpsc::Receiver<SourceEvent>) -> SourceEvent {
+        timeout(WAIT, rx.recv())
+            .await
+            .expect("no event from the file source in time")
+            .expect("the file source's channel closed")
+    }
+
+    async fn next_update(rx: &mut mpsc::Receiver<SourceEvent>) -> Update {
+        match next(rx).await {
+            SourceEvent::Update(update) => update,
+            SourceEvent::Error(e) => panic!("expected an update, got error: {e}"),
+        }
+    }
+
+    async fn next_error(rx: &mut mpsc::Receiver<SourceEvent>) -> String {
+        match next(rx).await {
+            SourceEvent::Error(e) => e.to_string(),
+            SourceEvent::Update(u) => panic!("expected an error, got update: {u:?}"),
+        }
+    }
+
+    async fn quiet(rx: &mut mpsc::Receiver<SourceEvent>) {
+        if let Ok(event) = timeout(QUIET, rx.recv()).await {
+            panic!("expected no event, got {event:?}");
+        }
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        fs::write(dir.join(name), text).unwrap();
+    }
+
+    async fn start(dir: &Path) -> (FileSource, mpsc::Receiver<SourceEvent>) {
+        FileSource::start(dir.to_path_buf()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn initial_load_reads_config_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "web.yaml", &format!("{SERVICE}---\n{SLICE}"));
+        write(dir.path(), "workloads.yml", WORKLOAD);
+        write(dir.path(), ".hidden.yaml", "garbage: [");
+        write(dir.path(), "web.yaml~", "garbage: [");
+        write(dir.path(), "notes.txt", "garbage: [");
+        let (source, mut rx) = start(dir.path()).await;
+        let update = next_update(&mut rx).await;
+        assert!(update.full);
+        assert!(update.deletes.is_empty());
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([
+                key(Kind::Service, "web"),
+                key(Kind::EndpointSlice, "web-1"),
+                key(Kind::Workload, "web-0"),
+            ])
+        );
+        let origin = source.dir().join("web.yaml").display().to_string();
+        let service = update
+            .upserts
+            .iter()
+            .find(|r| r.key().kind == Kind::Service)
+            .unwrap();
+        assert_eq!(&*service.meta().origin, origin);
+        quiet(&mut rx).await;
+    }
+
+    #[tokio::test]
+    async fn initial_errors_come_before_the_full_update() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", SERVICE);
+        write(dir.path(), "b.yaml", "apiVersion: v1\nkind: ConfigMap\n");
+        write(
+            dir.path(),
+            "c.yaml",
+            &SLICE.replace("10.0.0.1", "10.0.0.999"),
+        );
+        let (_source, mut rx) = start(dir.path()).await;
+        let first = next_error(&mut rx).await;
+        assert!(
+            first.contains("b.yaml (document 1): unknown kind \"v1\" \"ConfigMap\""),
+            "{first}"
+        );
+        let second = next_error(&mut rx).await;
+        assert!(second.contains("c.yaml (document 1): EndpointSlice default/web-1: endpoints[0].addresses[0]: \"10.0.0.999\" is not an IP address"), "{second}");
+        let update = next_update(&mut rx).await;
+        assert!(update.full);
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Service, "web")])
+        );
+    }
+
+    #[tokio::test]
+    async fn empty_directory_gives_an_empty_full_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_source, mut rx) = start(dir.path()).await;
+        let update = next_update(&mut rx).await;
+        assert!(update.full && update.upserts.is_empty());
+    }
+
+    #[tokio::test]
+    async fn modify_upserts_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "web.yaml", &format!("{SERVICE}---\n{SLICE}"));
+        let (_source, mut rx) = start(dir.path()).await;
+        next_update(&mut rx).await;
+
+        let before = Instant::now();
+        write(
+            dir.path(),
+            "web.yaml",
+            &format!("{SERVICE}---\n{}", SLICE.replace("10.0.0.1", "10.0.0.2")),
+        );
+        let update = next_update(&mut rx).await;
+        assert!(!update.full);
+        assert!(update.seen >= before);
+        assert!(update.deletes.is_empty());
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::EndpointSlice, "web-1")])
+        );
+        let Resource::EndpointSlice(slice) = &update.upserts[0] else {
+            panic!("expected a slice");
+        };
+        assert_eq!(slice.endpoints[0].addresses, [IpAddr::from([10, 0, 0, 2])]);
+
+        // The same bytes again: nothing.
+        write(
+            dir.path(),
+            "web.yaml",
+            &format!("{SERVICE}---\n{}", SLICE.replace("10.0.0.1", "10.0.0.2")),
+        );
+        quiet(&mut rx).await;
+        // Other bytes, same objects (a comment): nothing either.
+        write(
+            dir.path(),
+            "web.yaml",
+            &format!(
+                "# web\n{SERVICE}---\n{}",
+                SLICE.replace("10.0.0.1", "10.0.0.2")
+            ),
+        );
+        quiet(&mut rx).await;
+    }
+
+    use std::net::IpAddr;
+
+    #[tokio::test]
+    async fn deleting_a_file_deletes_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "web.yaml", SERVICE);
+        write(dir.path(), "workloads.yaml", WORKLOAD);
+        let (_source, mut rx) = start(dir.path()).await;
+        next_update(&mut rx).await;
+        fs::remove_file(dir.path().join("web.yaml")).unwrap();
+        let update = next_update(&mut rx).await;
+        assert!(update.upserts.is_empty());
+        assert_eq!(update.deletes, [key(Kind::Service, "web")]);
+    }
+
+    #[tokio::test]
+    async fn broken_file_keeps_its_last_good_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "web.yaml", SERVICE);
+        let (_source, mut rx) = start(dir.path()).await;
+        next_update(&mut rx).await;
+
+        write(dir.path(), "web.yaml", &format!("{SERVICE}  - port: [\n"));
+        let error = next_error(&mut rx).await;
+        assert!(
+            error.starts_with(&format!(
+                "{}:",
+                dir.path()
+                    .canonicalize()
+                    .unwrap()
+                    .join("web.yaml")
+                    .display()
+            )),
+            "{error}"
+        );
+        assert!(error.contains(":9:1 (document 1): "), "{error}");
+        quiet(&mut rx).await;
+
+        // Fixed: the change applies.
+        write(
+            dir.path(),
+            "web.yaml",
+            &SERVICE.replace("port: 80", "port: 81"),
+        );
+        let update = next_update(&mut rx).await;
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Service, "web")])
+        );
+    }
+
+    #[tokio::test]
+    async fn one_bad_document_rejects_the_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "web.yaml", SERVICE);
+        let (_source, mut rx) = start(dir.path()).await;
+        next_update(&mut rx).await;
+        write(
+            dir.path(),
+            "web.yaml",
+            &format!("{SLICE}---\n{}", SERVICE.replace("port: 80", "port: 70000")),
+        );
+        let error = next_error(&mut rx).await;
+        assert!(error.contains("(document 2): Service default/web: spec.ports[0].port: 70000 is out of range 1-65535"), "{error}");
+        quiet(&mut rx).await;
+    }
+
+    #[tokio::test]
+    async fn new_files_with_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_source, mut rx) = start(dir.path()).await;
+        next_update(&mut rx).await;
+        write(dir.path(), "kind.yaml", "apiVersion: v2\nkind: Service\n");
+        let error = next_error(&mut rx).await;
+        assert!(
+            error.contains("kind.yaml (document 1): unknown kind \"v2\" \"Service\" (supported: "),
+            "{error}"
+        );
+        write(
+            dir.path(),
+            "ip.yaml",
+            &SERVICE.replace("10.96.0.10", "10.96.0.999"),
+        );
+        let error = next_error(&mut rx).await;
+        assert!(error.contains("ip.yaml (document 1): Service default/web: spec.clusterIP: \"10.96.0.999\" is not an IP address"), "{error}");
+        write(dir.path(), "garbage.yaml", "\u{0}\u{1}\u{2}\u{fffd}");
+        let error = next_error(&mut rx).await;
+        assert!(error.contains("garbage.yaml"), "{error}");
+        quiet(&mut rx).await;
+    }
+
+    #[tokio::test]
+    async fn atomic_rename_into_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "web.yaml", SERVICE);
+        let (_source, mut rx) = start(dir.path()).await;
+        next_update(&mut rx).await;
+        // What editors and `kubectl`-like tools do: write a hidden temporary file, rename it.
+        write(
+            dir.path(),
+            ".web.yaml.tmp",
+            &SERVICE.replace("port: 80", "port: 81"),
+        );
+        fs::rename(
+            dir.path().join(".web.yaml.tmp"),
+            dir.path().join("web.yaml"),
+        )
+        .unwrap();
+        let update = next_update(&mut rx).await;
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Service, "web")])
+        );
+        assert!(update.deletes.is_empty());
+        quiet(&mut rx).await;
+    }
+
+    #[tokio::test]
+    async fn objects_moved_to_another_file_are_upserts() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", &format!("{SERVICE}---\n{WORKLOAD}"));
+        let (source, mut rx) = start(dir.path()).await;
+        next_update(&mut rx).await;
+        // Renaming the file moves both objects at once.
+        fs::rename(dir.path().join("a.yaml"), dir.path().join("b.yaml")).unwrap();
+        let update = next_update(&mut rx).await;
+        assert!(update.deletes.is_empty(), "{:?}", update.deletes);
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Service, "web"), key(Kind::Workload, "web-0")])
+        );
+        let b = source.dir().join("b.yaml").display().to_string();
+        assert!(update.upserts.iter().all(|r| *r.meta().origin == *b));
+    }
+
+    #[tokio::test]
+    async fn an_object_in_two_files_stays_with_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", SERVICE);
+        let (source, mut rx) = start(dir.path()).await;
+        next_update(&mut rx).await;
+        let a = source.dir().join("a.yaml").display().to_string();
+        let b = source.dir().join("b.yaml").display().to_string();
+
+        write(
+            dir.path(),
+            "b.yaml",
+            &format!("{}---\n{WORKLOAD}", SERVICE.replace("port: 80", "port: 81")),
+        );
+        let error = next_error(&mut rx).await;
+        assert_eq!(
+            error,
+            format!(
+                "{b} (document 1): Service default/web is already defined in {a}; this definition is ignored while that one exists"
+            )
+        );
+        // b's other object is accepted.
+        let update = next_update(&mut rx).await;
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Workload, "web-0")])
+        );
+
+        // a lets go of the service: b's definition takes over.
+        write(dir.path(), "a.yaml", "");
+        let update = next_update(&mut rx).await;
+        assert!(update.deletes.is_empty());
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Service, "web")])
+        );
+        assert_eq!(&*update.upserts[0].meta().origin, b);
+    }
+
+    #[tokio::test]
+    async fn waits_for_a_writer_to_close_the_file() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "web.yaml", &format!("{SERVICE}---\n{SLICE}"));
+        let (_source, mut rx) = start(dir.path()).await;
+        next_update(&mut rx).await;
+        // Truncate, write half, pause, write the rest: only the finished file counts.
+        let text = format!("{SERVICE}---\n{}", SLICE.replace("10.0.0.1", "10.0.0.2"));
+        let (head, tail) = text.split_at(SERVICE.len() / 2);
+        let mut file = fs::File::create(dir.path().join("web.yaml")).unwrap();
+        file.write_all(head.as_bytes()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        file.write_all(tail.as_bytes()).unwrap();
+        drop(file);
+        let update = next_update(&mut rx).await;
+        assert!(update.deletes.is_empty(), "{update:?}");
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::EndpointSlice, "web-1")])
+        );
+        quiet(&mut rx).await;
+    }
+
+    #[tokio::test]
+    async fn configmap_volume_swap() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // The layout the kubelet gives a ConfigMap volume.
+        fs::create_dir(root.join("..v1")).unwrap();
+        write(&root.join("..v1"), "web.yaml", SERVICE);
+        symlink("..v1", root.join("..data")).unwrap();
+        symlink("..data/web.yaml", root.join("web.yaml")).unwrap();
+        let (_source, mut rx) = start(root).await;
+        assert_eq!(next_update(&mut rx).await.upserts.len(), 1);
+
+        fs::create_dir(root.join("..v2")).unwrap();
+        write(
+            &root.join("..v2"),
+            "web.yaml",
+            &SERVICE.replace("port: 80", "port: 81"),
+        );
+        symlink("..v2", root.join("..data_tmp")).unwrap();
+        fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        let update = next_update(&mut rx).await;
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Service, "web")])
+        );
+        assert!(update.deletes.is_empty());
+    }
+
+    #[tokio::test]
+    async fn subdirectories_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_source, mut rx) = start(dir.path()).await;
+        next_update(&mut rx).await;
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        write(&dir.path().join("sub"), "web.yaml", SERVICE);
+        fs::create_dir(dir.path().join("dir.yaml")).unwrap();
+        quiet(&mut rx).await;
+    }
+
+    #[tokio::test]
+    async fn dropping_the_source_closes_the_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, mut rx) = start(dir.path()).await;
+        next_update(&mut rx).await;
+        drop(source);
+        let end = timeout(WAIT, rx.recv())
+            .await
+            .expect("the channel should close");
+        assert!(end.is_none());
+    }
+
+    #[tokio::test]
+    async fn start_fails_without_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let err = FileSource::start(missing.clone()).unwrap_err();
+        assert!(
+            matches!(err, Error::NoDirectory(ref p) if *p == missing),
+            "{err}"
+        );
+        write(dir.path(), "file.yaml", "");
+        let err = FileSource::start(dir.path().join("file.yaml")).unwrap_err();
+        assert!(matches!(err, Error::NotADirectory(_)), "{err}");
+    }
 }

@@ -48,8 +48,11 @@ const MAX_INTERFACE_NAME: usize = 15;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
+    /// [`WORKLOAD_API_VERSION`].
     pub api_version: String,
+    /// [`WORKLOAD_KIND`].
     pub kind: String,
+    /// Name, namespace (default `default`) and labels; other fields are ignored.
     #[serde(default)]
     pub metadata: ObjectMeta,
     pub spec: WorkloadSpec,
@@ -100,7 +103,7 @@ impl<'a> Problems<'a> {
             kind: self.kind,
             object: self.object.clone(),
             field: field.into(),
-            problem,
+            problem: Box::new(problem),
         });
     }
 
@@ -189,7 +192,11 @@ pub fn service(svc: &core::Service, location: &Location) -> Result<state::Servic
     let mut seen: HashMap<(u16, Protocol), usize> = HashMap::new();
     let mut names: HashMap<String, usize> = HashMap::new();
     for (i, p) in all.iter().enumerate() {
-        let number = port(i64::from(p.port), format!("spec.ports[{i}].port"), &mut problems);
+        let number = port(
+            i64::from(p.port),
+            format!("spec.ports[{i}].port"),
+            &mut problems,
+        );
         let protocol = protocol(
             p.protocol.as_deref(),
             format!("spec.ports[{i}].protocol"),
@@ -197,7 +204,9 @@ pub fn service(svc: &core::Service, location: &Location) -> Result<state::Servic
         );
         let name = port_name(p.name.as_ref());
         match &name {
-            None if all.len() > 1 => problems.add(format!("spec.ports[{i}].name"), Problem::NameRequired),
+            None if all.len() > 1 => {
+                problems.add(format!("spec.ports[{i}].name"), Problem::NameRequired)
+            }
             None => {}
             Some(name) => {
                 if let Some(first) = names.insert(name.clone(), i) {
@@ -208,13 +217,13 @@ pub fn service(svc: &core::Service, location: &Location) -> Result<state::Servic
                 }
             }
         }
-        if number != 0 {
-            if let Some(first) = seen.insert((number, protocol), i) {
-                problems.add(
-                    format!("spec.ports[{i}]"),
-                    Problem::Duplicate(format!("spec.ports[{first}] ({number}/{protocol})")),
-                );
-            }
+        if number != 0
+            && let Some(first) = seen.insert((number, protocol), i)
+        {
+            problems.add(
+                format!("spec.ports[{i}]"),
+                Problem::Duplicate(format!("spec.ports[{first}] ({number}/{protocol})")),
+            );
         }
         ports.push(state::ServicePort {
             name,
@@ -391,7 +400,10 @@ pub fn workload(w: &Workload, location: &Location) -> Result<state::Workload, Ve
         match text.parse::<IpAddr>() {
             Ok(ip) => {
                 if let Some(first) = seen.insert(ip, i) {
-                    problems.add(field, Problem::Duplicate(format!("spec.addresses[{first}]")));
+                    problems.add(
+                        field,
+                        Problem::Duplicate(format!("spec.addresses[{first}]")),
+                    );
                 } else {
                     addresses.push(ip);
                 }
@@ -402,10 +414,18 @@ pub fn workload(w: &Workload, location: &Location) -> Result<state::Workload, Ve
     if spec.service_account.is_empty() {
         problems.add("spec.serviceAccount", Problem::Missing);
     }
-    if spec.netns.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+    if spec
+        .netns
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
         problems.add("spec.netns", Problem::Empty);
     }
-    if spec.cgroup.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+    if spec
+        .cgroup
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
         problems.add("spec.cgroup", Problem::Empty);
     }
     match spec.interface.as_deref() {
@@ -425,4 +445,373 @@ pub fn workload(w: &Workload, location: &Location) -> Result<state::Workload, Ve
         interface: spec.interface.clone(),
         cgroup: spec.cgroup.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn location() -> Location {
+        Location {
+            origin: "test.yaml".into(),
+            document: Some(2),
+            line: None,
+        }
+    }
+
+    fn svc(yaml: &str) -> Result<state::Service, Vec<Error>> {
+        let svc: core::Service = serde_yaml_ng::from_str(yaml).expect("test YAML is a Service");
+        service(&svc, &location())
+    }
+
+    fn eps(yaml: &str) -> Result<state::EndpointSlice, Vec<Error>> {
+        let slice: discovery::EndpointSlice =
+            serde_yaml_ng::from_str(yaml).expect("test YAML is an EndpointSlice");
+        endpoint_slice(&slice, &location())
+    }
+
+    fn wl(yaml: &str) -> Result<state::Workload, Vec<Error>> {
+        let w: Workload = serde_yaml_ng::from_str(yaml).expect("test YAML is a Workload");
+        workload(&w, &location())
+    }
+
+    /// The messages of a failed translation.
+    fn messages<T: std::fmt::Debug>(result: Result<T, Vec<Error>>) -> Vec<String> {
+        result
+            .expect_err("translation should fail")
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const SERVICE: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP}
+";
+
+    #[test]
+    fn service_translates() {
+        let s = svc(SERVICE).unwrap();
+        assert_eq!(s.meta.id.to_string(), "shop/web");
+        assert_eq!(s.meta.labels["app"], "web");
+        assert_eq!(&*s.meta.origin, "test.yaml");
+        assert_eq!(s.cluster_ips, [IpAddr::from([10, 96, 0, 10])]);
+        assert_eq!(
+            s.ports,
+            [
+                state::ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    protocol: Protocol::Tcp
+                },
+                state::ServicePort {
+                    name: Some("dns".into()),
+                    port: 53,
+                    protocol: Protocol::Udp
+                },
+            ]
+        );
+        assert_eq!(s.affinity, Affinity::None);
+    }
+
+    #[test]
+    fn namespace_defaults_and_name_is_required() {
+        let s = svc("{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {}}").unwrap();
+        assert_eq!(s.meta.id.namespace, "default");
+        assert!(s.cluster_ips.is_empty());
+        assert_eq!(
+            messages(svc(
+                "{apiVersion: v1, kind: Service, metadata: {}, spec: {}}"
+            )),
+            ["test.yaml (document 2): Service (unnamed): metadata.name: missing"]
+        );
+    }
+
+    #[test]
+    fn port_out_of_range() {
+        let m = messages(svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {ports: [{port: 70000}]}}",
+        ));
+        assert_eq!(
+            m,
+            [
+                "test.yaml (document 2): Service default/a: spec.ports[0].port: 70000 is out of range 1-65535"
+            ]
+        );
+        let m = messages(svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {ports: [{port: 0}]}}",
+        ));
+        assert!(
+            m[0].contains("spec.ports[0].port: 0 is out of range"),
+            "{m:?}"
+        );
+    }
+
+    #[test]
+    fn bad_cluster_ip() {
+        let m = messages(svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.999}}",
+        ));
+        assert_eq!(
+            m,
+            [
+                r#"test.yaml (document 2): Service default/a: spec.clusterIP: "10.96.0.999" is not an IP address"#
+            ]
+        );
+        let m = messages(svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIPs: [10.96.0.1, bad]}}",
+        ));
+        assert!(
+            m[0].contains(r#"spec.clusterIPs[1]: "bad" is not an IP address"#),
+            "{m:?}"
+        );
+    }
+
+    #[test]
+    fn headless_and_unallocated_services_have_no_ip() {
+        for spec in [
+            "{clusterIP: None}",
+            "{clusterIP: ''}",
+            "{clusterIPs: [None]}",
+            "{type: ExternalName, externalName: example.com}",
+        ] {
+            let s = svc(&format!(
+                "{{apiVersion: v1, kind: Service, metadata: {{name: a}}, spec: {spec}}}"
+            ))
+            .unwrap();
+            assert!(s.cluster_ips.is_empty(), "{spec}");
+        }
+    }
+
+    #[test]
+    fn dual_stack_cluster_ips() {
+        let s = svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, 'fd00::1']}}",
+        )
+        .unwrap();
+        assert_eq!(s.cluster_ips.len(), 2);
+        let m = messages(svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.2, clusterIPs: [10.96.0.1]}}",
+        ));
+        assert!(
+            m[0].contains(
+                r#"spec.clusterIPs: ["10.96.0.1"] does not start with spec.clusterIP "10.96.0.2""#
+            ),
+            "{m:?}"
+        );
+        let m = messages(svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIPs: [10.96.0.1, 10.96.0.2]}}",
+        ));
+        assert!(m[0].contains("spec.clusterIPs: "), "{m:?}");
+        assert!(m[0].contains("one IPv4 and one IPv6"), "{m:?}");
+    }
+
+    #[test]
+    fn unsupported_protocol() {
+        let m = messages(svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {ports: [{port: 80, protocol: SCTP}]}}",
+        ));
+        assert_eq!(
+            m,
+            [
+                "test.yaml (document 2): Service default/a: spec.ports[0].protocol: protocol SCTP is not supported (only TCP and UDP are)"
+            ]
+        );
+    }
+
+    #[test]
+    fn session_affinity() {
+        let s = svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {sessionAffinity: ClientIP}}",
+        )
+        .unwrap();
+        assert_eq!(s.affinity, Affinity::ClientIp);
+        let s = svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {sessionAffinity: None}}",
+        )
+        .unwrap();
+        assert_eq!(s.affinity, Affinity::None);
+        let m = messages(svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {sessionAffinity: Sticky}}",
+        ));
+        assert!(
+            m[0].contains(r#"spec.sessionAffinity: "Sticky" is not supported"#),
+            "{m:?}"
+        );
+    }
+
+    #[test]
+    fn port_names_and_duplicates() {
+        let m = messages(svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {ports: [{name: a, port: 80}, {port: 81}]}}",
+        ));
+        assert!(
+            m[0].contains("spec.ports[1].name: required when there is more than one port"),
+            "{m:?}"
+        );
+        let m = messages(svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {ports: [{name: a, port: 80}, {name: b, port: 80}]}}",
+        ));
+        assert!(
+            m[0].contains("spec.ports[1]: same as spec.ports[0] (80/TCP)"),
+            "{m:?}"
+        );
+        // The same number over UDP is another port.
+        svc("{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {ports: [{name: a, port: 53}, {name: b, port: 53, protocol: UDP}]}}")
+            .unwrap();
+    }
+
+    #[test]
+    fn all_problems_are_reported() {
+        let m = messages(svc(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: x, ports: [{port: 70000, protocol: SCTP}]}}",
+        ));
+        assert_eq!(m.len(), 3, "{m:?}");
+    }
+
+    const SLICE: &str = "
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+endpoints:
+- addresses: [10.0.0.1]
+- addresses: [10.0.0.2]
+  conditions: {ready: false}
+- addresses: [10.0.0.3]
+  conditions: {ready: true}
+ports:
+- {name: http, port: 8080}
+- {port: 5353, protocol: UDP}
+";
+
+    #[test]
+    fn endpoint_slice_translates() {
+        let s = eps(SLICE).unwrap();
+        assert_eq!(s.meta.id.to_string(), "shop/web-abc");
+        assert_eq!(s.service, "web");
+        let ready: Vec<bool> = s.endpoints.iter().map(|e| e.ready).collect();
+        assert_eq!(ready, [true, false, true], "absent conditions mean ready");
+        assert_eq!(
+            s.ports,
+            [
+                state::EndpointPort {
+                    name: Some("http".into()),
+                    port: 8080,
+                    protocol: Protocol::Tcp
+                },
+                state::EndpointPort {
+                    name: None,
+                    port: 5353,
+                    protocol: Protocol::Udp
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn endpoint_slice_needs_the_service_label() {
+        let m = messages(eps(
+            "{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {name: x}, addressType: IPv4, endpoints: []}",
+        ));
+        assert_eq!(
+            m,
+            [
+                r#"test.yaml (document 2): EndpointSlice default/x: metadata.labels["kubernetes.io/service-name"]: missing"#
+            ]
+        );
+    }
+
+    #[test]
+    fn fqdn_slices_are_not_supported() {
+        let m = messages(eps(
+            "{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {name: x, labels: {kubernetes.io/service-name: a}}, addressType: FQDN, endpoints: []}",
+        ));
+        assert!(m[0].contains("addressType: FQDN is not supported"), "{m:?}");
+    }
+
+    #[test]
+    fn endpoint_addresses_match_the_address_type() {
+        let m = messages(eps(
+            "{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {name: x, labels: {kubernetes.io/service-name: a}}, addressType: IPv4, endpoints: [{addresses: [10.0.0.1, 'fd00::1', nope]}]}",
+        ));
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(
+            m[0].contains(r#"endpoints[0].addresses[1]: "fd00::1" is not an IPv4 address"#),
+            "{m:?}"
+        );
+        assert!(
+            m[1].contains(r#"endpoints[0].addresses[2]: "nope" is not an IP address"#),
+            "{m:?}"
+        );
+        let m = messages(eps(
+            "{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {name: x, labels: {kubernetes.io/service-name: a}}, addressType: IPv4, endpoints: [], ports: [{port: 70000}, {protocol: TCP}]}",
+        ));
+        assert!(
+            m[0].contains("ports[0].port: 70000 is out of range 1-65535"),
+            "{m:?}"
+        );
+        assert!(m[1].contains("ports[1].port: missing"), "{m:?}");
+    }
+
+    #[test]
+    fn workload_translates() {
+        let w = wl("
+apiVersion: mycel.dev/v1alpha1
+kind: Workload
+metadata: {name: web-0, namespace: shop, labels: {app: web}}
+spec:
+  addresses: [10.0.1.5, 'fd00::5']
+  serviceAccount: web
+  netns: /run/netns/web-0
+  interface: veth-web0
+  cgroup: /sys/fs/cgroup/web-0
+")
+        .unwrap();
+        assert_eq!(w.meta.id.to_string(), "shop/web-0");
+        assert_eq!(w.addresses.len(), 2);
+        assert_eq!(w.service_account, "web");
+        assert_eq!(
+            w.netns.as_deref(),
+            Some(std::path::Path::new("/run/netns/web-0"))
+        );
+        assert_eq!(w.interface.as_deref(), Some("veth-web0"));
+    }
+
+    #[test]
+    fn workload_problems() {
+        let m = messages(wl(
+            "{apiVersion: mycel.dev/v1alpha1, kind: Workload, metadata: {name: w}, spec: {addresses: [10.0.0.1, 10.0.0.1, x], interface: a-very-long-interface-name}}",
+        ));
+        assert_eq!(m.len(), 4, "{m:?}");
+        assert!(
+            m[0].contains("spec.addresses[1]: same as spec.addresses[0]"),
+            "{m:?}"
+        );
+        assert!(
+            m[1].contains(r#"spec.addresses[2]: "x" is not an IP address"#),
+            "{m:?}"
+        );
+        assert!(m[2].contains("spec.serviceAccount: missing"), "{m:?}");
+        assert!(m[3].contains("spec.interface: "), "{m:?}");
+        assert!(m[3].contains("longer than 15"), "{m:?}");
+    }
+
+    #[test]
+    fn workload_spec_rejects_unknown_fields() {
+        let err = serde_yaml_ng::from_str::<Workload>(
+            "{apiVersion: mycel.dev/v1alpha1, kind: Workload, metadata: {name: w}, spec: {addresses: [10.0.0.1], serviceAccount: a, netNS: x}}",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `netNS`"), "{err}");
+    }
 }

@@ -46,7 +46,11 @@ pub fn table(backends: &[SocketAddr], size: usize) -> Vec<u16> {
         .iter()
         .map(|(addr, _)| {
             let offset = hash(addr, OFFSET_SEED) % m;
-            let skip = if m > 1 { hash(addr, SKIP_SEED) % (m - 1) + 1 } else { 1 };
+            let skip = if m > 1 {
+                hash(addr, SKIP_SEED) % (m - 1) + 1
+            } else {
+                1
+            };
             (offset, skip)
         })
         .collect();
@@ -195,7 +199,10 @@ mod tests {
             let even = M as f64 / n as f64;
             for (i, &c) in counts(&table(&backends(n), M), n).iter().enumerate() {
                 let deviation = (c as f64 - even).abs() / even;
-                assert!(deviation < 0.05, "n = {n}, backend {i}: {c} entries, even {even:.1}");
+                assert!(
+                    deviation < 0.05,
+                    "n = {n}, backend {i}: {c} entries, even {even:.1}"
+                );
             }
         }
     }

@@ -115,7 +115,15 @@ pub struct RevNatValue {
 }
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
 
-pod!(ServiceKey, ServiceValue, BackendKey, Backend, MaglevTable, RevNatKey, RevNatValue);
+pod!(
+    ServiceKey,
+    ServiceValue,
+    BackendKey,
+    Backend,
+    MaglevTable,
+    RevNatKey,
+    RevNatValue
+);
 
 /// The first three words of an IPv4-mapped IPv6 address in network order (`::ffff:0:0/96`).
 pub const V4_MAPPED_PREFIX_BE: [u32; 3] = [0, 0, u32::from_be(0x0000_ffff)];
@@ -149,6 +157,9 @@ mod tests {
         let m = v4_mapped(a);
         assert!(is_v4_mapped(&m));
         let bytes: [u8; 16] = unsafe { core::mem::transmute(m) };
-        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 10]);
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 10]
+        );
     }
 }
