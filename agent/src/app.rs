@@ -53,8 +53,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         servers.push(task);
     }
 
-    let datapath = tokio::task::block_in_place(|| Datapath::load(&cfg.cgroup, &cfg.bpffs))
-        .context("loading the datapath")?;
+    let datapath =
+        tokio::task::block_in_place(|| Datapath::load_with(&cfg.cgroup, &cfg.bpffs, cfg.map_sizes))
+            .context("loading the datapath")?;
     let (taken_services, taken_backends) = datapath.services.counts();
     if taken_services > 0 {
         info!(

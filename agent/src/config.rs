@@ -10,7 +10,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use mycel_common::service::MAX_SERVICES;
 use serde::Serialize;
+
+use crate::datapath::MapSizes;
 
 /// Where pinned maps and links live by default.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/mycel";
@@ -52,6 +55,9 @@ pub struct Config {
     /// `--detach-on-exit` / `MYCEL_DETACH_ON_EXIT`: on shutdown, detach the programs and
     /// remove the pins. Off by default, so traffic keeps flowing across agent restarts.
     pub detach_on_exit: bool,
+    /// `--max-services`, `--max-backends` / `MYCEL_MAX_SERVICES`, `MYCEL_MAX_BACKENDS`:
+    /// sizes of the service maps when the agent creates them.
+    pub map_sizes: MapSizes,
 }
 
 /// The raw settings as given, before validation.
@@ -79,6 +85,12 @@ pub struct Args {
     /// traffic keeps flowing while the agent is down).
     #[arg(long, env = "MYCEL_DETACH_ON_EXIT")]
     pub detach_on_exit: bool,
+    /// Service frontends the kernel map holds (at most 65536); used when the map is created.
+    #[arg(long, env = "MYCEL_MAX_SERVICES", default_value_t = MapSizes::default().services.to_string())]
+    pub max_services: String,
+    /// Backend slots across all services the kernel map holds; used when the map is created.
+    #[arg(long, env = "MYCEL_MAX_BACKENDS", default_value_t = MapSizes::default().backends.to_string())]
+    pub max_backends: String,
 }
 
 /// An invalid setting.
@@ -138,7 +150,23 @@ impl Config {
             metrics_addr: addr("--metrics-addr", &args.metrics_addr)?,
             readiness_addr: addr("--readiness-addr", &args.readiness_addr)?,
             detach_on_exit: args.detach_on_exit,
+            map_sizes: MapSizes {
+                services: count("--max-services", &args.max_services, 1, MAX_SERVICES)?,
+                backends: count("--max-backends", &args.max_backends, 1, 1 << 24)?,
+                ..MapSizes::default()
+            },
         })
+    }
+}
+
+fn count(setting: &'static str, v: &str, min: u32, max: u32) -> Result<u32, Error> {
+    match v.parse::<u32>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(invalid(
+            setting,
+            v,
+            format!("expected a whole number from {min} to {max}"),
+        )),
     }
 }
 
@@ -184,6 +212,8 @@ mod tests {
             metrics_addr: DEFAULT_METRICS_ADDR.into(),
             readiness_addr: DEFAULT_READINESS_ADDR.into(),
             detach_on_exit: false,
+            max_services: "65536".into(),
+            max_backends: "1000".into(),
         }
     }
 
@@ -238,6 +268,19 @@ mod tests {
         assert_eq!(
             Config::from_args(&args(), "").unwrap_err().setting,
             "--cgroup"
+        );
+
+        let mut a = args();
+        a.max_services = "70000".into();
+        assert_eq!(
+            Config::from_args(&a, MOUNTS).unwrap_err().setting,
+            "--max-services"
+        );
+        let mut a = args();
+        a.max_backends = "lots".into();
+        assert_eq!(
+            Config::from_args(&a, MOUNTS).unwrap_err().setting,
+            "--max-backends"
         );
     }
 }

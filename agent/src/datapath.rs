@@ -8,6 +8,8 @@
 
 use std::{io, path::PathBuf};
 
+use mycel_common::service::{DEFAULT_BACKEND_SLOTS, MAX_SERVICES, REVNAT_ENTRIES};
+
 mod programs;
 mod services;
 
@@ -70,6 +72,28 @@ impl Error {
     }
 }
 
+/// Sizes of the maps the agent creates. Maps already pinned keep the size they were
+/// created with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MapSizes {
+    /// Service frontends (`SERVICES`), at most [`MAX_SERVICES`].
+    pub services: u32,
+    /// Backend slots across all services (`BACKENDS`).
+    pub backends: u32,
+    /// Sockets remembered for getpeername()/recvmsg() (`REVNAT`, an LRU).
+    pub revnat: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: MAX_SERVICES,
+            backends: DEFAULT_BACKEND_SLOTS,
+            revnat: REVNAT_ENTRIES,
+        }
+    }
+}
+
 /// The loaded, attached and pinned datapath.
 #[derive(Debug)]
 pub struct Datapath {
@@ -82,11 +106,20 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the programs, takes over (or creates) the pinned maps under `pin_dir`, and
-    /// attaches the socket programs to `cgroup`.
+    /// Loads the programs, takes over (or creates, with default sizes) the pinned maps
+    /// under `pin_dir`, and attaches the socket programs to `cgroup`.
     pub fn load(cgroup: &std::path::Path, pin_dir: &std::path::Path) -> Result<Self, Error> {
+        Self::load_with(cgroup, pin_dir, MapSizes::default())
+    }
+
+    /// [`Datapath::load`] with the sizes of maps it creates.
+    pub fn load_with(
+        cgroup: &std::path::Path,
+        pin_dir: &std::path::Path,
+        sizes: MapSizes,
+    ) -> Result<Self, Error> {
         programs::prepare_pin_dir(pin_dir)?;
-        let mut ebpf = programs::load(pin_dir)?;
+        let mut ebpf = programs::load(pin_dir, sizes)?;
         let services = ServiceMaps::take(&mut ebpf)?;
         let (programs, features) = programs::attach_all(&mut ebpf, cgroup, pin_dir)?;
         Ok(Self {

@@ -4,11 +4,14 @@
 //! - `setup` installs what building and testing needs (toolchains, LLVM, bpf-linker,
 //!   mounts), and only what is missing.
 //! - `test` runs what CI runs: setup, rustfmt, clippy, every test.
+//! - `test-kernels` boots the kernels mycel supports under qemu and runs its kernel checks
+//!   in each (also part of `test`).
 //! - `demo` and `bench <name>` build the release binaries and run the demo or a benchmark.
 
 #![forbid(unsafe_code)]
 
 mod cmd;
+mod kernels;
 mod run;
 mod setup;
 mod test;
@@ -38,6 +41,9 @@ enum Command {
     Test(test::Options),
     /// Build mycel and run the demo (needs root).
     Demo,
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run mycel's kernel checks in
+    /// each.
+    TestKernels(kernels::Options),
     /// Build mycel and run a benchmark: `cargo xtask bench lb [args]`.
     Bench {
         /// The benchmark (without one, lists them).
@@ -73,6 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Demo => run::demo(&ctx),
+        Command::TestKernels(opts) => Ok(if kernels::run(&opts)?.passed() { 0 } else { 1 }),
         Command::Bench { name: None, .. } => {
             println!("benchmarks (run one with `cargo xtask bench <name> [args]`):");
             for (name, what) in run::BENCHES {

@@ -1,4 +1,5 @@
-//! `cargo xtask test`: what CI runs. Setup, formatting, lints, then every test.
+//! `cargo xtask test`: what CI runs. Setup, formatting, lints, every test, then the kernel
+//! matrix (the kernel-level checks on each supported kernel, under qemu).
 
 use std::time::Instant;
 
@@ -19,6 +20,9 @@ pub struct Options {
     /// Skip `cargo clippy`.
     #[arg(long)]
     no_clippy: bool,
+    /// Skip the kernel matrix (`cargo xtask test-kernels`).
+    #[arg(long)]
+    no_kernels: bool,
     /// Passed to `cargo test` after `--workspace` (a test name filter, or `-- --nocapture`).
     #[arg(last = true)]
     args: Vec<String>,
@@ -27,7 +31,10 @@ pub struct Options {
 /// Runs the steps in order and stops at the first that fails.
 pub fn run(ctx: &Ctx, opts: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
-    let steps = 2 + usize::from(!opts.no_fmt) + usize::from(!opts.no_clippy);
+    let steps = 2
+        + usize::from(!opts.no_fmt)
+        + usize::from(!opts.no_clippy)
+        + usize::from(!opts.no_kernels);
     let mut n = 0;
     let mut announce = |what: &str| {
         n += 1;
@@ -90,10 +97,18 @@ pub fn run(ctx: &Ctx, opts: &Options) -> anyhow::Result<()> {
     }
     announce(&test.to_string());
     let ok = test.status()?.success();
-    let secs = started.elapsed().as_secs_f64();
     if !ok {
+        let secs = started.elapsed().as_secs_f64();
         bail!("tests failed (above) after {secs:.0} s");
     }
+
+    if !opts.no_kernels {
+        announce("kernel matrix (cargo xtask test-kernels)");
+        if !crate::kernels::run(&crate::kernels::Options::default())?.passed() {
+            bail!("the kernel matrix failed (table above)");
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
     println!("==> all checks passed in {secs:.0} s");
     Ok(())
 }

@@ -133,10 +133,14 @@ fn is_bpffs(path: &Path) -> bool {
     magic == BPF_FS_MAGIC
 }
 
-/// Loads the object with its maps pinned under `pin_dir` (reusing maps already pinned there).
-pub(super) fn load(pin_dir: &Path) -> Result<Ebpf, Error> {
+/// Loads the object with its maps pinned under `pin_dir`, reusing maps already pinned there
+/// and creating the others with `sizes`.
+pub(super) fn load(pin_dir: &Path, sizes: super::MapSizes) -> Result<Ebpf, Error> {
     EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
+        .map_max_entries("SERVICES", sizes.services)
+        .map_max_entries("BACKENDS", sizes.backends)
+        .map_max_entries("REVNAT", sizes.revnat)
         .load(EBPF_OBJECT)
         .map_err(|e| Error::Load(Box::new(e)))
 }

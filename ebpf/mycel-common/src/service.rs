@@ -6,10 +6,12 @@
 
 use crate::pod;
 
-/// Maximum number of service frontends (address, port, protocol).
+/// Maximum number of service frontends (address, port, protocol): the size of the service
+/// id space, and the default size of `SERVICES` (the agent may create it smaller).
 pub const MAX_SERVICES: u32 = 65_536;
-/// Maximum number of backend slots across all services.
-pub const MAX_BACKEND_SLOTS: u32 = 1 << 20;
+/// Default number of backend slots across all services (`BACKENDS`; the agent may size it
+/// otherwise).
+pub const DEFAULT_BACKEND_SLOTS: u32 = 262_144;
 /// Maximum number of backends one service frontend may have.
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 1_024;
 /// Number of entries in a service's Maglev lookup table. A prime, as Maglev requires; large

@@ -10,11 +10,14 @@ use aya_ebpf::{
 };
 use mycel_common::{
     service::{
-        Backend, BackendKey, MAX_AFFINITY_SERVICES, MAX_BACKEND_SLOTS, MAX_SERVICES, MaglevTable,
-        REVNAT_ENTRIES, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+        Backend, BackendKey, DEFAULT_BACKEND_SLOTS, MAX_AFFINITY_SERVICES, MAX_SERVICES,
+        MaglevTable, REVNAT_ENTRIES, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
     },
     stats::STAT_MAX,
 };
+
+// Sizes here are defaults: the agent sets SERVICES, BACKENDS and REVNAT from its
+// configuration when it creates them.
 
 /// Service frontends: (address, port, protocol) → id, backend count, flags.
 #[map]
@@ -22,7 +25,7 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SER
 
 /// Backends: (service id, slot) → address and port.
 #[map]
-pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::pinned(MAX_BACKEND_SLOTS, 0);
+pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::pinned(DEFAULT_BACKEND_SLOTS, 0);
 
 /// Maglev lookup tables of services with session affinity, by service id. Not
 /// preallocated: each value is 8 KiB and few services ask for affinity.

@@ -24,6 +24,11 @@ pub fn packages(llvm: u32) -> Vec<String> {
         "iproute2".to_owned(),
         // `ps`, `pkill` and `sysctl`, which tests use.
         "procps".to_owned(),
+        // The kernel matrix: `xz` unpacks kernel modules, the keyring verifies the Debian
+        // archive it downloads kernels and qemu from, `dpkg-deb` unpacks them.
+        "xz-utils".to_owned(),
+        "debian-archive-keyring".to_owned(),
+        "dpkg".to_owned(),
     ]
 }
 
@@ -124,5 +129,10 @@ fn check_elsewhere(os: &OsRelease, llvm: u32, linker_ok: bool) -> Vec<Check> {
             ),
         }
     };
-    vec![llvm_check, tool("ip", "iproute2"), tool("ps", "procps")]
+    vec![
+        llvm_check,
+        tool("ip", "iproute2"),
+        tool("ps", "procps"),
+        tool("xz", "xz-utils"),
+    ]
 }

@@ -1,0 +1,170 @@
+//! `mycel-demo`: what `cargo xtask demo` runs. Builds a small node on this host (network
+//! namespaces for a client and two `web` backends), starts the agent standalone from a
+//! directory of YAML, and shows service load balancing done in the kernel at connect()
+//! time: connections spreading over the backends, the application seeing the service
+//! address, scaling up and down, a broken file that changes nothing, and the CLI. Everything
+//! it created is removed at the end, also when a step fails.
+
+use std::{collections::BTreeMap, process::ExitCode, time::Duration};
+
+use mycel_tests::{
+    Agent, Node, ResourceDir, env,
+    scenario::{BACKEND_PORT, Backends, WEB_PORT, WEB_VIP4, backend_addr, web_ipv4, web_vip4},
+};
+
+fn main() -> ExitCode {
+    if !env::privileged_or_skip("mycel-demo") {
+        eprintln!("the demo needs root: run `sudo cargo xtask demo`");
+        return ExitCode::FAILURE;
+    }
+    // A failed step panics with its reason; the node's Drop cleans up on the way out.
+    match std::panic::catch_unwind(demo) {
+        Ok(()) => {
+            println!("\n✔ demo finished; everything it created has been removed");
+            ExitCode::SUCCESS
+        }
+        Err(_) => {
+            eprintln!("\n✘ the demo failed (see above); everything it created has been removed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn step(n: u32, text: &str) {
+    println!("\n── {n}. {text}");
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("   {l}\n")).collect()
+}
+
+fn demo() {
+    step(
+        1,
+        "a node with three pods, each a network namespace with its own cgroup",
+    );
+    let node = Node::new();
+    let mut web = Backends::start(&node, "web", 2);
+    let client = node.pod("client");
+    println!("   node namespace {}", node.netns);
+    for pod in web.pods.iter().chain([&client]) {
+        println!(
+            "   pod {:<8} {:<10} cgroup {}",
+            pod.name,
+            pod.ipv4,
+            pod.cgroup.display()
+        );
+    }
+
+    step(
+        2,
+        "the agent, standalone, reading Kubernetes YAML from a directory",
+    );
+    let resources: &ResourceDir = node.resources();
+    let pods: Vec<_> = web.pods.iter().collect();
+    resources.write("web.yaml", &web_ipv4(&pods));
+    println!(
+        "   {} holds Service web ({WEB_VIP4}:{WEB_PORT}) and its EndpointSlice",
+        resources.file("web.yaml").display()
+    );
+    let agent = node.start_agent();
+    println!("   agent ready; `mycel services`:");
+    print!("{}", indent(&cli(&agent, &["services"])));
+
+    step(3, "40 connections from the client to the ClusterIP");
+    let counts = spread(&client, 40);
+    print_counts(&counts);
+    assert_eq!(counts.len(), 2, "both backends should answer: {counts:?}");
+    let peers = client.tcp_client(web_vip4(), 1).peers();
+    println!("   getpeername() in the client says {peers:?}: the application sees the service");
+    assert_eq!(
+        peers.into_iter().collect::<Vec<_>>(),
+        vec![web_vip4().to_string()]
+    );
+
+    step(4, "scale up: add web-3 to the EndpointSlice");
+    let web3 = web.add(&node, "web-3");
+    let pods: Vec<_> = web.pods.iter().collect();
+    resources.write("web.yaml", &web_ipv4(&pods));
+    let took = agent.wait_for_backends(
+        "default/web",
+        WEB_PORT,
+        &pods
+            .iter()
+            .map(|p| backend_addr(p.ipv4, BACKEND_PORT))
+            .collect::<Vec<_>>(),
+    );
+    println!(
+        "   the maps held three backends {} ms after the file was written",
+        took.as_millis()
+    );
+    let counts = spread(&client, 60);
+    print_counts(&counts);
+    assert!(
+        counts.contains_key(&web3.name),
+        "web-3 should answer: {counts:?}"
+    );
+
+    step(5, "scale down: remove web-1");
+    let pods: Vec<_> = web.pods.iter().filter(|p| p.name != "web-1").collect();
+    resources.write("web.yaml", &web_ipv4(&pods));
+    agent.wait_for_backends(
+        "default/web",
+        WEB_PORT,
+        &pods
+            .iter()
+            .map(|p| backend_addr(p.ipv4, BACKEND_PORT))
+            .collect::<Vec<_>>(),
+    );
+    let counts = spread(&client, 40);
+    print_counts(&counts);
+    assert!(
+        !counts.contains_key("web-1"),
+        "web-1 was removed: {counts:?}"
+    );
+
+    step(
+        6,
+        "a broken file: rejected with its name and line, nothing else changes",
+    );
+    resources.write_raw(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n",
+    );
+    agent.wait_for("the error to be counted", Duration::from_secs(5), |a| {
+        a.metric_sum("mycel_source_errors_total") >= 1.0
+    });
+    if let Some(line) = agent.log().lines().find(|l| l.contains("broken.yaml")) {
+        println!("   agent log: {}", line.trim());
+    }
+    let counts = spread(&client, 20);
+    print_counts(&counts);
+    resources.remove("broken.yaml");
+
+    step(7, "`mycel status`");
+    print!("{}", indent(&cli(&agent, &["status"])));
+
+    step(8, "cleaning up: agent, namespaces, cgroups, pinned maps");
+}
+
+fn cli(agent: &Agent<'_>, args: &[&str]) -> String {
+    let (status, stdout, stderr) = agent.cli(args);
+    assert!(status.success(), "mycel {args:?} failed: {stderr}");
+    stdout
+}
+
+fn spread(client: &mycel_tests::Pod, n: u32) -> BTreeMap<String, usize> {
+    client
+        .tcp_client(web_vip4(), n)
+        .answers_without_errors("connections to the ClusterIP")
+}
+
+fn print_counts(counts: &BTreeMap<String, usize>) {
+    let total: usize = counts.values().sum();
+    for (name, n) in counts {
+        println!(
+            "   {name:<8} {n:>3} of {total}  {}",
+            "█".repeat(*n * 40 / total.max(1))
+        );
+    }
+}
