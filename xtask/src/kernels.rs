@@ -120,6 +120,9 @@ pub struct Options {
     /// Print every result line as it arrives.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Write the result table into README.md's "Kernel requirements" section.
+    #[arg(long)]
+    pub update_readme: bool,
 }
 
 impl Default for Options {
@@ -138,6 +141,7 @@ impl Default for Options {
             jobs: None,
             timeout: DEFAULT_TIMEOUT_SECS,
             verbose: false,
+            update_readme: false,
         }
     }
 }
@@ -239,6 +243,16 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         eprintln!("test-kernels: could not write {}: {e}", markdown.display());
     } else {
         println!("test-kernels: markdown table in {}", markdown.display());
+    }
+    if opts.update_readme {
+        if report.kernels.len() != KERNELS.len() {
+            bail!("--update-readme needs a run over every kernel");
+        }
+        crate::readme::update_section(
+            &root.join("README.md"),
+            "kernel-matrix",
+            &report.markdown(),
+        )?;
     }
     Ok(report)
 }

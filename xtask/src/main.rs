@@ -12,6 +12,7 @@
 
 mod cmd;
 mod kernels;
+mod readme;
 mod run;
 mod setup;
 mod test;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, ensure};
+use anyhow::{Context as _, bail, ensure};
 
 use crate::{cmd::Cmd, setup, workspace::Ctx};
 
@@ -37,8 +37,23 @@ pub fn bench(ctx: &Ctx, name: &str, args: &[String]) -> anyhow::Result<i32> {
     setup::run(ctx, setup::Options::default())?;
     let bins = build(ctx)?;
     let mut bench_args = vec![name.to_owned()];
-    bench_args.extend_from_slice(args);
-    run_bin(ctx, &bins, "mycel-bench", &bench_args)
+    // `--update-readme` is ours: the benchmark writes its tables to a file, which goes into
+    // README.md's `bench-<name>` section when the run succeeds.
+    let update_readme = args.iter().any(|a| a == "--update-readme");
+    bench_args.extend(args.iter().filter(|a| *a != "--update-readme").cloned());
+    let tables = ctx.target_dir().join(format!("bench-{name}.md"));
+    bench_args.extend(["--output".to_owned(), tables.display().to_string()]);
+    let code = run_bin(ctx, &bins, "mycel-bench", &bench_args)?;
+    if code == 0 && update_readme {
+        let body = std::fs::read_to_string(&tables)
+            .with_context(|| format!("reading {}", tables.display()))?;
+        crate::readme::update_section(
+            &ctx.root.join("README.md"),
+            &format!("bench-{name}"),
+            &body,
+        )?;
+    }
+    Ok(code)
 }
 
 fn require_root(ctx: &Ctx, task: &str) -> anyhow::Result<()> {

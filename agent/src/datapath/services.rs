@@ -306,7 +306,12 @@ impl ServiceMaps {
             count: slots.len() as u16,
             flags,
         };
-        let old_value = self.services.get(&key, 0).ok();
+        // A frontend this agent has not programmed (nor read back) has no entry to restore.
+        let old_value = if self.programmed.contains_key(&key) {
+            self.services.get(&key, 0).ok()
+        } else {
+            None
+        };
         self.services
             .insert(key, value, 0)
             .map_err(|e| Error::map(SERVICES, e))?;

@@ -386,28 +386,32 @@ impl Files {
     fn refresh(&mut self, paths: BTreeSet<PathBuf>) -> Changes {
         let mut changes = Changes::default();
 
-        // Read and parse; nothing changes yet.
-        type Parsed = Option<(Vec<u8>, BTreeMap<ResourceKey, (usize, Resource)>)>;
-        let mut outcomes: Vec<(PathBuf, Parsed)> = Vec::new();
+        // Read, then parse; nothing changes yet.
+        type Parsed = Option<(Vec<u8>, Objects)>;
+        let mut read_files: Vec<(PathBuf, Option<Vec<u8>>)> = Vec::new();
         for path in paths {
-            let bytes = match read(&path) {
-                Ok(Some(bytes)) => bytes,
+            match read(&path) {
+                Ok(Some(bytes)) => {
+                    if self.files.get(&path).is_none_or(|f| f.content != bytes) {
+                        read_files.push((path, Some(bytes)));
+                    }
+                }
                 Ok(None) => {
                     if self.files.contains_key(&path) {
-                        outcomes.push((path, None));
+                        read_files.push((path, None));
                     }
-                    continue;
                 }
-                Err(source) => {
-                    changes.errors.push(Error::Read { path, source });
-                    continue;
-                }
-            };
-            if self.files.get(&path).is_some_and(|f| f.content == bytes) {
-                continue;
+                Err(source) => changes.errors.push(Error::Read { path, source }),
             }
-            let origin = Origin::from(path.display().to_string());
-            match parse(&origin, &bytes) {
+        }
+        let mut parsed = parse_files(&read_files).into_iter();
+        let mut outcomes: Vec<(PathBuf, Parsed)> = Vec::new();
+        for (path, bytes) in read_files {
+            let Some(bytes) = bytes else {
+                outcomes.push((path, None));
+                continue;
+            };
+            match parsed.next().unwrap_or_else(|| Err(Vec::new())) {
                 Ok(objects) => outcomes.push((path, Some((bytes, objects)))),
                 Err(errors) => {
                     changes.errors.extend(errors);
@@ -511,6 +515,63 @@ fn read(path: &Path) -> io::Result<Option<Vec<u8>>> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// A file's objects, with the document each came from.
+type Objects = BTreeMap<ResourceKey, (usize, Resource)>;
+
+/// Parses the files that have contents, in order, spreading them over the CPUs: a cold
+/// start may read tens of thousands of objects, and parsing dominates its time.
+fn parse_files(files: &[(PathBuf, Option<Vec<u8>>)]) -> Vec<Result<Objects, Vec<Error>>> {
+    let work: Vec<(Origin, &[u8])> = files
+        .iter()
+        .filter_map(|(path, bytes)| {
+            let bytes = bytes.as_deref()?;
+            Some((Origin::from(path.display().to_string()), bytes))
+        })
+        .collect();
+    let threads = thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .min(work.len());
+    if threads <= 1 {
+        return work.iter().map(|(o, b)| parse(o, b)).collect();
+    }
+    let mut results: Vec<_> = (0..work.len()).map(|_| None).collect();
+    thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let work = &work;
+                scope.spawn(move || {
+                    (t..work.len())
+                        .step_by(threads)
+                        .map(|i| (i, parse(&work[i].0, work[i].1)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            // A parser thread cannot panic on input (the parser returns errors); should one
+            // panic anyway, its files stay unparsed and are reported as unreadable below.
+            if let Ok(done) = h.join() {
+                for (i, r) in done {
+                    results[i] = Some(r);
+                }
+            }
+        }
+    });
+    results
+        .into_iter()
+        .zip(&work)
+        .map(|(r, (origin, _))| {
+            r.unwrap_or_else(|| {
+                Err(vec![Error::Read {
+                    path: PathBuf::from(origin.as_ref()),
+                    source: io::Error::other("the parser failed on this file"),
+                }])
+            })
+        })
+        .collect()
 }
 
 /// Parses and translates every document of a file. Any problem rejects the whole file.
