@@ -73,6 +73,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         metrics,
         shared: shared.clone(),
         synced: false,
+        rejected_inputs: 0,
+        state_problems: 0,
         taken_over: taken_services,
         last_error: None,
     };
@@ -85,6 +87,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             ev = events.recv() => match ev {
                 Some(SourceEvent::Update(u)) => agent.update(u),
                 Some(SourceEvent::Error(e)) => agent.source_error(&e),
+                Some(SourceEvent::Rejected(n)) => agent.rejected_inputs(n),
                 None => {
                     error!("the source stopped; exiting");
                     break;
@@ -117,6 +120,10 @@ struct Agent {
     shared: Arc<Shared>,
     /// True once a full update has been synced into the maps.
     synced: bool,
+    /// Inputs the source rejects now (their last good contents in force).
+    rejected_inputs: usize,
+    /// Cross-object problems the model has now.
+    state_problems: usize,
     taken_over: usize,
     last_error: Option<String>,
 }
@@ -129,6 +136,11 @@ impl Agent {
         self.publish();
     }
 
+    fn rejected_inputs(&mut self, n: usize) {
+        self.rejected_inputs = n;
+        self.publish();
+    }
+
     fn update(&mut self, update: Update) {
         let seen = update.seen;
         let full = update.full;
@@ -138,9 +150,7 @@ impl Agent {
             self.metrics.source_errors.inc();
             self.last_error = Some(e.to_string());
         }
-        self.metrics
-            .source_errors_current
-            .set(applied.error_count as i64);
+        self.state_problems = applied.error_count;
 
         let (stats, errors) = tokio::task::block_in_place(|| {
             if full || !self.synced {
@@ -192,13 +202,15 @@ impl Agent {
         let (services, backends) = self.datapath.services.counts();
         self.metrics.services_programmed.set(services as i64);
         self.metrics.backends_programmed.set(backends as i64);
+        let standing = self.rejected_inputs + self.state_problems;
+        self.metrics.source_errors_current.set(standing as i64);
         if let Ok(mut s) = self.shared.status.write() {
             s.programs = self.datapath.programs();
             s.kernel_features = self.datapath.kernel_features().to_vec();
             s.services = services;
             s.backends = backends;
             s.taken_over = self.taken_over;
-            s.errors_current = self.metrics.source_errors_current.get() as usize;
+            s.errors_current = standing;
             s.last_error = self.last_error.clone();
         }
         if let Ok(mut o) = self.shared.owners.write() {

@@ -5,6 +5,8 @@
 //! should hold; the [`datapath`] writes only the differences into the eBPF maps.
 //! Observability flows back through [`metrics`] and the [`admin`] endpoints.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod app;
 pub mod cli;

@@ -34,7 +34,8 @@ pub struct Metrics {
     pub backends_programmed: Gauge,
     /// `mycel_source_errors_total`: invalid input rejected (each problem counted once).
     pub source_errors: Counter,
-    /// `mycel_source_errors_current`: problems standing in the input right now.
+    /// `mycel_source_errors_current`: problems standing in the input right now (rejected
+    /// files and cross-object problems such as a slice without its Service).
     pub source_errors_current: Gauge,
     /// `mycel_update_latency_seconds`: from the source seeing a change to the maps holding it.
     pub update_latency: Histogram,

@@ -22,6 +22,9 @@ pub enum SourceEvent {
     Update(state::Update),
     /// A problem in the input, reported once; the source keeps what it last accepted.
     Error(Error),
+    /// How many inputs (files) are rejected now, their last good contents in force; sent
+    /// when the number changes.
+    Rejected(usize),
 }
 
 /// Where in a source an object or a problem is.

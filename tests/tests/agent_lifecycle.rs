@@ -291,6 +291,11 @@ fn malformed_input_keeps_the_last_good_state() {
         expect_rejected(
             &node, &agent, &client, &names, file, content, case, mentions,
         );
+        agent.wait_for(
+            &format!("mycel_source_errors_current to count the problem of {case}"),
+            Duration::from_secs(3),
+            |a| a.metric_sum("mycel_source_errors_current") >= 1.0,
+        );
     }
 
     // Fixing the files is applied: web.yaml good again with one backend, extra.yaml a new
@@ -330,6 +335,12 @@ fn malformed_input_keeps_the_last_good_state() {
         web_vip4(),
         &names[..1],
         "web after the fix",
+    );
+    // Nothing is rejected any more: the standing-problems gauge is back to zero.
+    agent.wait_for(
+        "mycel_source_errors_current to return to 0",
+        Duration::from_secs(3),
+        |a| a.metric_sum("mycel_source_errors_current") == 0.0,
     );
 }
 

@@ -12,6 +12,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
+use nix::sys::statfs::BPF_FS_MAGIC;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
@@ -55,9 +56,6 @@ pub struct KernelFeature {
     /// What is disabled or degraded without it.
     pub impact: String,
 }
-
-/// `BPF_FS_MAGIC` from `include/uapi/linux/magic.h`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// A program attached to the cgroup through a pinned link.
 #[derive(Debug)]
@@ -113,24 +111,7 @@ pub(super) fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt as _;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` is large enough for the result.
-    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return false;
-    }
-    // SAFETY: statfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    #[expect(
-        clippy::unnecessary_cast,
-        reason = "f_type's width differs between libcs"
-    )]
-    let magic = st.f_type as i64;
-    magic == BPF_FS_MAGIC
+    nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type() == BPF_FS_MAGIC)
 }
 
 /// Loads the object with its maps pinned under `pin_dir`, reusing maps already pinned there

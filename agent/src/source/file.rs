@@ -157,6 +157,10 @@ impl Worker {
         if !self.send_all(errors) || !self.send(SourceEvent::Update(full)) {
             return;
         }
+        let mut rejected = self.files.rejected();
+        if rejected > 0 && !self.send(SourceEvent::Rejected(rejected)) {
+            return;
+        }
 
         // Ends when the watcher is dropped (its sender goes) or the receiver is.
         while let Ok(first) = self.events.recv() {
@@ -207,6 +211,12 @@ impl Worker {
             errors.extend(changes.errors);
             if !self.send_all(errors) {
                 return;
+            }
+            if self.files.rejected() != rejected {
+                rejected = self.files.rejected();
+                if !self.send(SourceEvent::Rejected(rejected)) {
+                    return;
+                }
             }
             if !changes.upserts.is_empty() || !changes.deletes.is_empty() {
                 let update = Update {
@@ -315,6 +325,8 @@ struct FileEntry {
     content: Vec<u8>,
     /// The objects last accepted, with the (1-based) document each came from.
     objects: BTreeMap<ResourceKey, (usize, Resource)>,
+    /// The bytes last read were rejected: `objects` are from an earlier version.
+    rejected: bool,
 }
 
 /// The files of the directory and the objects accepted from them.
@@ -360,6 +372,11 @@ impl Files {
     }
 
     /// The files read so far.
+    /// Files whose current contents are rejected (their last good objects stay in force).
+    fn rejected(&self) -> usize {
+        self.files.values().filter(|f| f.rejected).count()
+    }
+
     fn known(&self) -> impl Iterator<Item = PathBuf> + '_ {
         self.files.keys().cloned()
     }
@@ -418,11 +435,15 @@ impl Files {
                     // Keep what was accepted; remember the bytes so they are not reported again.
                     self.files
                         .entry(path)
-                        .or_insert_with(|| FileEntry {
-                            content: Vec::new(),
-                            objects: BTreeMap::new(),
+                        .and_modify(|f| {
+                            f.content.clone_from(&bytes);
+                            f.rejected = true;
                         })
-                        .content = bytes;
+                        .or_insert_with(|| FileEntry {
+                            content: bytes,
+                            objects: BTreeMap::new(),
+                            rejected: true,
+                        });
                 }
             }
         }
@@ -450,8 +471,10 @@ impl Files {
                     let entry = self.files.entry(path.clone()).or_insert_with(|| FileEntry {
                         content: Vec::new(),
                         objects: BTreeMap::new(),
+                        rejected: false,
                     });
                     entry.content = content;
+                    entry.rejected = false;
                     mem::replace(&mut entry.objects, objects)
                 }
             };
@@ -946,17 +969,37 @@ spec:
     /// How long to wait to be fairly sure that no event is coming.
     const QUIET: Duration = Duration::from_millis(300);
 
+    /// The next event that is not a count of rejected files (those have their own test).
     async fn next(rx: &mut mpsc::Receiver<SourceEvent>) -> SourceEvent {
+        loop {
+            match next_any(rx).await {
+                SourceEvent::Rejected(_) => continue,
+                event => return event,
+            }
+        }
+    }
+
+    async fn next_any(rx: &mut mpsc::Receiver<SourceEvent>) -> SourceEvent {
         timeout(WAIT, rx.recv())
             .await
             .expect("no event from the file source in time")
             .expect("the file source's channel closed")
     }
 
+    /// The next count of rejected files, skipping other events.
+    async fn next_rejected(rx: &mut mpsc::Receiver<SourceEvent>) -> usize {
+        loop {
+            if let SourceEvent::Rejected(n) = next_any(rx).await {
+                return n;
+            }
+        }
+    }
+
     async fn next_update(rx: &mut mpsc::Receiver<SourceEvent>) -> Update {
         match next(rx).await {
             SourceEvent::Update(update) => update,
             SourceEvent::Error(e) => panic!("expected an update, got error: {e}"),
+            SourceEvent::Rejected(_) => unreachable!("next() skips these"),
         }
     }
 
@@ -964,12 +1007,16 @@ spec:
         match next(rx).await {
             SourceEvent::Error(e) => e.to_string(),
             SourceEvent::Update(u) => panic!("expected an error, got update: {u:?}"),
+            SourceEvent::Rejected(_) => unreachable!("next() skips these"),
         }
     }
 
     async fn quiet(rx: &mut mpsc::Receiver<SourceEvent>) {
-        if let Ok(event) = timeout(QUIET, rx.recv()).await {
-            panic!("expected no event, got {event:?}");
+        let deadline = tokio::time::Instant::now() + QUIET;
+        while let Ok(event) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            if !matches!(event, Some(SourceEvent::Rejected(_))) {
+                panic!("expected no event, got {event:?}");
+            }
         }
     }
 
@@ -1139,6 +1186,20 @@ spec:
             keys(&update.upserts),
             BTreeSet::from([key(Kind::Service, "web")])
         );
+    }
+
+    #[tokio::test]
+    async fn rejected_files_are_counted_until_fixed_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", "kind: [\n");
+        let (_source, mut rx) = start(dir.path()).await;
+        assert_eq!(next_rejected(&mut rx).await, 1, "a broken file at start");
+        write(dir.path(), "b.yaml", "kind: Nonsense\napiVersion: v1\n");
+        assert_eq!(next_rejected(&mut rx).await, 2);
+        write(dir.path(), "a.yaml", SERVICE);
+        assert_eq!(next_rejected(&mut rx).await, 1, "a fixed");
+        fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        assert_eq!(next_rejected(&mut rx).await, 0, "b removed");
     }
 
     #[tokio::test]

@@ -6,6 +6,8 @@
 //! reordered so that pinned maps survive agent upgrades.
 #![no_std]
 
+pub mod flow;
+pub mod policy;
 pub mod service;
 pub mod stats;
 

@@ -11,14 +11,20 @@ pub const STAT_LB_SLOT_MISSING: u32 = 2;
 pub const STAT_LB_REVERSED: u32 = 3;
 /// The reverse translation entry could not be stored (LRU map update failed).
 pub const STAT_LB_REVNAT_UPDATE_FAILED: u32 = 4;
+/// A flow event could not be put on the FLOW_EVENTS ring buffer (it was full).
+pub const STAT_FLOW_EVENTS_LOST: u32 = 5;
+/// The FLOWS map could not take a new flow.
+pub const STAT_FLOW_UPDATE_FAILED: u32 = 6;
 /// Number of counters; the size of the STATS array.
 pub const STAT_MAX: u32 = 8;
 
 /// Counter names, index by index, as the agent exports them.
-pub const STAT_NAMES: [&str; 5] = [
+pub const STAT_NAMES: [&str; 7] = [
     "lb_translated",
     "lb_no_backend",
     "lb_slot_missing",
     "lb_reversed",
     "lb_revnat_update_failed",
+    "flow_events_lost",
+    "flow_update_failed",
 ];

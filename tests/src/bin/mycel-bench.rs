@@ -433,6 +433,7 @@ fn control_plane_bench(args: &LbArgs) -> String {
     let full = match events.blocking_recv() {
         Some(SourceEvent::Update(u)) => u,
         Some(SourceEvent::Error(e)) => panic!("the generated YAML was rejected: {e}"),
+        Some(SourceEvent::Rejected(n)) => panic!("{n} generated files were rejected"),
         None => panic!("the file source stopped"),
     };
     let t_parse = t1.elapsed();
@@ -491,6 +492,7 @@ fn control_plane_bench(args: &LbArgs) -> String {
                     }
                 }
                 Some(SourceEvent::Error(e)) => panic!("rejected: {e}"),
+                Some(SourceEvent::Rejected(n)) => panic!("{n} files rejected"),
                 None => panic!("no update within 5 s of a file write"),
             }
         }
