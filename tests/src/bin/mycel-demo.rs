@@ -86,14 +86,7 @@ fn demo() {
     let web3 = web.add(&node, "web-3");
     let pods: Vec<_> = web.pods.iter().collect();
     resources.write("web.yaml", &web_ipv4(&pods));
-    let took = agent.wait_for_backends(
-        "default/web",
-        WEB_PORT,
-        &pods
-            .iter()
-            .map(|p| backend_addr(p.ipv4, BACKEND_PORT))
-            .collect::<Vec<_>>(),
-    );
+    let took = wait_for_web(&agent, &pods);
     println!(
         "   the maps held three backends {} ms after the file was written",
         took.as_millis()
@@ -108,14 +101,7 @@ fn demo() {
     step(5, "scale down: remove web-1");
     let pods: Vec<_> = web.pods.iter().filter(|p| p.name != "web-1").collect();
     resources.write("web.yaml", &web_ipv4(&pods));
-    agent.wait_for_backends(
-        "default/web",
-        WEB_PORT,
-        &pods
-            .iter()
-            .map(|p| backend_addr(p.ipv4, BACKEND_PORT))
-            .collect::<Vec<_>>(),
-    );
+    wait_for_web(&agent, &pods);
     let counts = spread(&client, 40);
     print_counts(&counts);
     assert!(
@@ -140,11 +126,24 @@ fn demo() {
     let counts = spread(&client, 20);
     print_counts(&counts);
     resources.remove("broken.yaml");
+    agent.wait_for("the problem to be gone", Duration::from_secs(5), |a| {
+        a.metric_sum("mycel_source_errors_current") == 0.0
+    });
+    println!("   broken.yaml removed: no problem stands any more");
 
     step(7, "`mycel status`");
     print!("{}", indent(&cli(&agent, &["status"])));
 
     step(8, "cleaning up: agent, namespaces, cgroups, pinned maps");
+}
+
+/// Waits until the agent's maps hold exactly `pods` as web's backends; returns how long.
+fn wait_for_web(agent: &Agent<'_>, pods: &[&mycel_tests::Pod]) -> Duration {
+    let backends: Vec<String> = pods
+        .iter()
+        .map(|p| backend_addr(p.ipv4, BACKEND_PORT))
+        .collect();
+    agent.wait_for_backends("default/web", WEB_PORT, &backends)
 }
 
 fn cli(agent: &Agent<'_>, args: &[&str]) -> String {
