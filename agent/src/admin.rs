@@ -1,6 +1,8 @@
 //! Admin, Prometheus and readiness endpoints, served away from the data path.
 //!
-//! - admin (localhost): `/healthz`, `/readyz`, `/metrics`, `/debug/status`, `/debug/services`
+//! - admin (localhost): `/healthz`, `/readyz`, `/metrics`, `/debug/status`, `/debug/services`,
+//!   `/debug/flows` (recent flows as JSON; `?follow=1` streams JSON lines; filters `from`,
+//!   `to`, `verdict`, `namespace`, `limit`)
 //! - metrics: `/metrics`
 //! - readiness: `/healthz/ready`, `/readyz`
 
@@ -16,7 +18,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use mycel_common::service::ServiceKey;
@@ -27,6 +29,7 @@ use tracing::{debug, warn};
 
 use crate::{
     datapath::{self, KernelFeature, MapService, ProgramStatus},
+    flows::{Filter, FlowsHandle, FollowBody, Verdict},
     metrics::KernelCounters,
     state::ObjectRef,
 };
@@ -110,8 +113,22 @@ pub async fn serve(
     role: Role,
     shared: Arc<Shared>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    serve_with_flows(addr, role, shared, None)
+        .await
+        .map(|(task, _)| task)
+}
+
+/// Like [`serve`], with `/debug/flows` answered from `flows` (without it, that endpoint
+/// says flow observability is off). Also returns the bound address (for port 0).
+pub async fn serve_with_flows(
+    addr: SocketAddr,
+    role: Role,
+    shared: Arc<Shared>,
+    flows: Option<FlowsHandle>,
+) -> std::io::Result<(tokio::task::JoinHandle<()>, SocketAddr)> {
     let listener = TcpListener::bind(addr).await?;
-    Ok(tokio::spawn(async move {
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -122,10 +139,19 @@ pub async fn serve(
                 }
             };
             let shared = shared.clone();
+            let flows = flows.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| {
+                let svc = service_fn(move |req: Request<Incoming>| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(route(role, &shared, req)) }
+                    let flows = flows.clone();
+                    async move {
+                        let resp = if role == Role::Admin && req.uri().path() == "/debug/flows" {
+                            flows_route(flows.as_ref(), &req)
+                        } else {
+                            route(role, &shared, req).map(Either::Left)
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -135,7 +161,133 @@ pub async fn serve(
                 }
             });
         }
-    }))
+    });
+    Ok((task, bound))
+}
+
+/// Largest `limit` `/debug/flows` accepts (without one it returns the whole ring).
+const FLOWS_LIMIT_MAX: usize = 1 << 20;
+
+/// What `/debug/flows` was asked for.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct FlowsQuery {
+    filter: Filter,
+    limit: Option<usize>,
+    follow: bool,
+}
+
+fn parse_flows_query(query: &str) -> Result<FlowsQuery, String> {
+    let mut q = FlowsQuery::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v).ok_or_else(|| format!("{k}: invalid percent-encoding"))?;
+        let some = |v: String| (!v.is_empty()).then_some(v);
+        match k {
+            "from" => q.filter.from = some(v),
+            "to" => q.filter.to = some(v),
+            "namespace" => q.filter.namespace = some(v),
+            "verdict" => {
+                q.filter.verdict = match v.to_ascii_lowercase().as_str() {
+                    "" => None,
+                    "forwarded" => Some(Verdict::Forwarded),
+                    "dropped" => Some(Verdict::Dropped),
+                    _ => return Err(format!("verdict {v:?}: expected forwarded or dropped")),
+                }
+            }
+            "limit" => {
+                q.limit = Some(
+                    v.parse::<usize>()
+                        .ok()
+                        .filter(|n| *n <= FLOWS_LIMIT_MAX)
+                        .ok_or_else(|| {
+                            format!("limit {v:?}: expected a whole number up to {FLOWS_LIMIT_MAX}")
+                        })?,
+                )
+            }
+            "follow" => {
+                q.follow = match v.as_str() {
+                    "" | "1" | "true" => true,
+                    "0" | "false" => false,
+                    _ => return Err(format!("follow {v:?}: expected 1 or 0")),
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown parameter {k:?} (known: from, to, verdict, namespace, limit, follow)"
+                ));
+            }
+        }
+    }
+    Ok(q)
+}
+
+/// Decodes `%XX` and `+` in a query value.
+fn percent_decode(v: &str) -> Option<String> {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+type FlowsBody = Either<Full<Bytes>, FollowBody>;
+
+fn flows_route(flows: Option<&FlowsHandle>, req: &Request<Incoming>) -> Response<FlowsBody> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n").map(Either::Left);
+    }
+    let Some(flows) = flows else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "flow observability is not running in this agent\n",
+        )
+        .map(Either::Left);
+    };
+    let q = match parse_flows_query(req.uri().query().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => {
+            return text(StatusCode::BAD_REQUEST, &format!("invalid query: {e}\n"))
+                .map(Either::Left);
+        }
+    };
+    if q.follow {
+        let body = flows.follow(q.filter, q.limit.unwrap_or(0));
+        let mut r = Response::new(Either::Right(body));
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/x-ndjson"),
+        );
+        return r;
+    }
+    let list = flows.query(&q.filter, q.limit);
+    let list: Vec<&crate::flows::Flow> = list.iter().map(|f| &**f).collect();
+    match serde_json::to_vec(&list) {
+        Ok(body) => {
+            let mut r = Response::new(Either::Left(Full::new(Bytes::from(body))));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")).map(Either::Left),
+    }
 }
 
 fn route(role: Role, shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -193,5 +345,180 @@ fn json<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
             r
         }
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::TokioIo;
+    use mycel_common::flow::{FLOW_EVENT_DROP, FLOW_EVENT_NEW};
+
+    use super::*;
+    use crate::flows::{
+        self, Flow, Flows,
+        record::tests::{directory, event},
+    };
+
+    #[test]
+    fn flows_queries_parse_and_name_bad_parameters() {
+        let q = parse_flows_query(
+            "from=shop%2Fa&to=10.0.0.2&verdict=DROPPED&namespace=shop&limit=5&follow=1",
+        )
+        .unwrap();
+        assert_eq!(q.filter.from.as_deref(), Some("shop/a"));
+        assert_eq!(q.filter.to.as_deref(), Some("10.0.0.2"));
+        assert_eq!(q.filter.verdict, Some(Verdict::Dropped));
+        assert_eq!(q.filter.namespace.as_deref(), Some("shop"));
+        assert_eq!(q.limit, Some(5));
+        assert!(q.follow);
+        assert_eq!(parse_flows_query("").unwrap(), FlowsQuery::default());
+        for (bad, word) in [
+            ("verdict=maybe", "verdict"),
+            ("limit=-1", "limit"),
+            ("colour=red", "colour"),
+            ("from=%zz", "from"),
+            ("follow=yes", "follow"),
+        ] {
+            let e = parse_flows_query(bad).unwrap_err();
+            assert!(e.contains(word), "{bad}: {e}");
+        }
+    }
+
+    async fn request(addr: SocketAddr, path: &str) -> Response<Incoming> {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        sender.send_request(req).await.unwrap()
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> (StatusCode, String) {
+        let resp = request(addr, path).await;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    /// Reads from `body` until it holds `n` whole lines.
+    async fn lines(body: &mut Incoming, buf: &mut String, n: usize) -> Vec<String> {
+        while buf.matches('\n').count() < n {
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .expect("follow lines within 5 s")
+                .expect("the stream goes on")
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                buf.push_str(std::str::from_utf8(&data).unwrap());
+            }
+        }
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let i = buf.find('\n').unwrap();
+            out.push(buf[..i].to_string());
+            buf.replace_range(..=i, "");
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn debug_flows_lists_filters_and_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut registry = Registry::default();
+        let (mut flows, handle) = Flows::new(&flows::Config::default(), &mut registry).unwrap();
+        let shared = Arc::new(Shared {
+            ready: Default::default(),
+            status: Default::default(),
+            owners: Default::default(),
+            registry,
+            kernel: Arc::new(KernelCounters::new(dir.path())),
+            pin_dir: dir.path().to_path_buf(),
+        });
+        let names = directory();
+        flows.handle(
+            &event(FLOW_EVENT_NEW, "10.0.0.1:40000", "10.0.0.2:8080", 6),
+            &names,
+        );
+        flows.handle(
+            &event(FLOW_EVENT_DROP, "10.0.0.2:40001", "10.0.0.1:9090", 6),
+            &names,
+        );
+        let (task, addr) = serve_with_flows(
+            "127.0.0.1:0".parse().unwrap(),
+            Role::Admin,
+            shared.clone(),
+            Some(handle),
+        )
+        .await
+        .unwrap();
+
+        let (status, body) = get(addr, "/debug/flows").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let list: Vec<Flow> = serde_json::from_str(&body).unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[1].verdict, Verdict::Dropped, "newest last");
+
+        let (_, body) = get(addr, "/debug/flows?verdict=forwarded&from=shop%2Fa").await;
+        let list: Vec<Flow> = serde_json::from_str(&body).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].destination.address.port(), 8080);
+
+        let (status, body) = get(addr, "/debug/flows?verdict=sideways").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("verdict"), "{body}");
+
+        // The metrics endpoint carries the flow series.
+        let (_, metrics) = get(addr, "/metrics").await;
+        assert!(
+            metrics.contains("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"TCP\"} 1"),
+            "{metrics}"
+        );
+
+        // Follow: the backlog asked for, then live flows as they come.
+        let resp = request(addr, "/debug/flows?follow=1&limit=1").await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let mut buf = String::new();
+        let first = lines(&mut body, &mut buf, 1).await;
+        let f: Flow = serde_json::from_str(&first[0]).unwrap();
+        assert_eq!(f.verdict, Verdict::Dropped);
+        for port in [1, 2] {
+            flows.handle(
+                &event(
+                    FLOW_EVENT_NEW,
+                    &format!("10.0.0.1:{port}"),
+                    "10.0.0.2:80",
+                    6,
+                ),
+                &names,
+            );
+        }
+        let live = lines(&mut body, &mut buf, 2).await;
+        let ports: Vec<u16> = live
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<Flow>(l)
+                    .unwrap()
+                    .source
+                    .address
+                    .port()
+            })
+            .collect();
+        assert_eq!(ports, [1, 2]);
+
+        // Without the flow pipeline the endpoint says so.
+        let (_, bare) = serve_with_flows("127.0.0.1:0".parse().unwrap(), Role::Admin, shared, None)
+            .await
+            .unwrap();
+        let (status, _) = get(bare, "/debug/flows").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        task.abort();
     }
 }

@@ -1,21 +1,35 @@
 //! Wiring and lifecycle: start the endpoints, load the datapath, follow the source, shut
 //! down cleanly.
 
-use std::sync::{Arc, RwLock, atomic::Ordering};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::{Arc, RwLock, atomic::Ordering},
+    time::Duration,
+};
+
+use mycel_common::policy::{ENDPOINT_F_ENFORCE, EndpointInfo, IDENTITY_HOST};
 
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::{self, Role, Shared, Status},
     config::{Config, SourceConfig},
-    datapath::{ApplyStats, Datapath},
+    datapath::{self, ApplyStats, Datapath, PolicyContent},
+    flows::{Directory, Flows, WorkloadInfo},
     metrics::{KernelCounters, MapOpLabels, Metrics},
     source::{SourceEvent, file::FileSource},
-    state::{State, Update},
+    state::{EndpointPolicy, ObjectRef, State, Update},
 };
+
+/// How often what failed for want of an interface is tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Flow events queued between the ring buffer reader and the flow pipeline.
+const FLOW_EVENT_QUEUE: usize = 8_192;
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -23,6 +37,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    let (flows, flows_handle) =
+        Flows::new(&cfg.flows, &mut registry).context("starting flow observability")?;
+    let directory = Arc::new(Directory::new());
     let kernel = Arc::new(KernelCounters::new(&cfg.bpffs));
     registry.register_collector(Box::new(kernel.clone()));
     let SourceConfig::File(dir) = &cfg.source;
@@ -47,15 +64,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         (cfg.metrics_addr, Role::Metrics),
         (cfg.readiness_addr, Role::Readiness),
     ] {
-        let task = admin::serve(addr, role, shared.clone())
-            .await
-            .with_context(|| format!("cannot listen on {addr} for the {role:?} endpoints"))?;
+        let (task, _) =
+            admin::serve_with_flows(addr, role, shared.clone(), Some(flows_handle.clone()))
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the {role:?} endpoints"))?;
         servers.push(task);
     }
 
-    let datapath =
+    let mut datapath =
         tokio::task::block_in_place(|| Datapath::load_with(&cfg.cgroup, &cfg.bpffs, cfg.map_sizes))
             .context("loading the datapath")?;
+    // Flow events from the kernel feed metrics, the recent-flows ring and the flow log; the
+    // FLOWS table is read every few seconds so long connections count bytes while open.
+    let ring = match datapath.take_flow_events() {
+        Some(ring) => ring,
+        None => datapath::flow_events_from_pin(&cfg.bpffs)?,
+    };
+    let (_flow_reader, flow_events) =
+        datapath::spawn_flow_reader(ring, FLOW_EVENT_QUEUE).context("reading flow events")?;
+    let pin_dir = cfg.bpffs.clone();
+    tokio::spawn(
+        flows.run_with_table(flow_events, directory.clone(), move || {
+            datapath::dump_flows(&pin_dir)
+        }),
+    );
     let (taken_services, taken_backends) = datapath.services.counts();
     if taken_services > 0 {
         info!(
@@ -77,9 +109,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         state_problems: 0,
         taken_over: taken_services,
         last_error: None,
+        directory,
+        tc_pending: BTreeSet::new(),
     };
     agent.publish();
 
+    let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
@@ -93,6 +129,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     break;
                 }
             },
+            _ = retry.tick() => agent.retry(),
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
         }
@@ -126,6 +163,45 @@ struct Agent {
     state_problems: usize,
     taken_over: usize,
     last_error: Option<String>,
+    /// Who is who, for flow records and metrics.
+    directory: Arc<Directory>,
+    /// Local workloads whose interface could not be attached yet.
+    tc_pending: BTreeSet<ObjectRef>,
+}
+
+/// ifindexes with pinned TC links under the agent's bpffs directory (an earlier agent's
+/// attachments included).
+fn pinned_tc_ifindexes(datapath: &Datapath) -> BTreeSet<u32> {
+    let dir = datapath.pin_dir().join("links").join("tc");
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.split_once('-')?.0.parse().ok()
+        })
+        .collect()
+}
+
+/// Addresses of this network namespace's interfaces (the node's own).
+fn host_addresses() -> BTreeSet<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return BTreeSet::new();
+    };
+    addrs
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+fn host_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
 }
 
 impl Agent {
@@ -167,6 +243,15 @@ impl Agent {
         self.record(&stats);
         let first = !self.synced;
         self.synced = true;
+        for w in &applied.warnings {
+            warn!("{w}");
+        }
+        if first || applied.workloads_changed {
+            self.publish_workloads();
+        }
+        if first || applied.policy_changed || applied.workloads_changed {
+            tokio::task::block_in_place(|| self.sync_policy(first));
+        }
         self.metrics
             .update_latency
             .observe(seen.elapsed().as_secs_f64());
@@ -184,6 +269,140 @@ impl Agent {
             );
         }
         self.publish();
+    }
+
+    /// Attaches the TC programs to every local workload's interface (and detaches them from
+    /// workloads that left), then writes identities, endpoints and compiled policy into the
+    /// maps. An interface that cannot be attached yet (the workload's veth may appear after
+    /// its Workload) is retried on the next sync and by [`Agent::retry`].
+    fn sync_policy(&mut self, first: bool) {
+        let policy = self.state.policy();
+        let wanted: BTreeMap<&str, &EndpointPolicy> = policy
+            .endpoints()
+            .values()
+            .map(|e| (e.interface.as_str(), e))
+            .collect();
+
+        // Detach what no local workload wants any more; after a restart, also what an
+        // earlier agent attached (found by its pins).
+        let mut attached: BTreeMap<u32, String> = self
+            .datapath
+            .tc_attachments()
+            .map(|a| (a.ifindex, a.interface.clone()))
+            .collect();
+        if first {
+            for ifindex in pinned_tc_ifindexes(&self.datapath) {
+                attached.entry(ifindex).or_default();
+            }
+        }
+        for (ifindex, name) in &attached {
+            let still = !name.is_empty() && wanted.contains_key(name.as_str());
+            if !still && let Err(e) = self.datapath.detach_tc(*ifindex) {
+                warn!(ifindex, interface = %name, "detaching TC programs failed: {e}");
+            }
+        }
+
+        let mut content = PolicyContent::default();
+        let mut pending = BTreeSet::new();
+        for (interface, ep) in &wanted {
+            let ifindex = match self.datapath.attach_tc(interface) {
+                Ok(a) => a.ifindex,
+                Err(e) => {
+                    if !self.tc_pending.contains(&ep.workload) {
+                        error!(
+                            workload = %ep.workload,
+                            interface,
+                            "cannot attach policy and flow programs: {e}; retrying"
+                        );
+                        self.metrics.datapath_errors.inc();
+                        self.last_error = Some(format!(
+                            "workload {}: interface {interface}: {e}",
+                            ep.workload
+                        ));
+                    }
+                    pending.insert(ep.workload.clone());
+                    continue;
+                }
+            };
+            content.endpoints.insert(
+                ifindex,
+                EndpointInfo {
+                    endpoint_id: ep.endpoint_id,
+                    identity: ep.identity,
+                    flags: if ep.enforce { ENDPOINT_F_ENFORCE } else { 0 },
+                    policy_revision: 0,
+                },
+            );
+            content
+                .policy
+                .extend(ep.entries.iter().map(|(k, v)| (*k, *v)));
+        }
+        self.tc_pending = pending;
+        content.ipcache = policy.ipcache().clone();
+        // The node's own addresses are the host identity (kubelet probes, node processes).
+        for ip in host_addresses() {
+            content
+                .ipcache
+                .entry((ip, host_prefix(ip)))
+                .or_insert(IDENTITY_HOST);
+        }
+        match self.datapath.policy.apply(&content) {
+            Ok(stats) => {
+                debug!(?stats, "policy maps written");
+            }
+            Err(e) => {
+                error!("writing policy maps: {e}");
+                self.metrics.datapath_errors.inc();
+                self.last_error = Some(e.to_string());
+            }
+        }
+        self.metrics
+            .policy_loaded
+            .set(policy.policies_loaded() as i64);
+        self.metrics
+            .policy_entries
+            .set(policy.policy_entries() as i64);
+        self.metrics
+            .policy_endpoints
+            .set(content.endpoints.len() as i64);
+        self.metrics
+            .ipcache_entries
+            .set(content.ipcache.len() as i64);
+        let names = policy.policies_by_id();
+        self.directory.set_policies(names);
+    }
+
+    /// Retries what failed for want of an interface.
+    fn retry(&mut self) {
+        if !self.tc_pending.is_empty() {
+            tokio::task::block_in_place(|| self.sync_policy(false));
+            self.publish();
+        }
+    }
+
+    /// Tells the flow pipeline which workload each address belongs to.
+    fn publish_workloads(&self) {
+        let mut entries = Vec::new();
+        for w in self.state.workloads() {
+            let info = WorkloadInfo {
+                namespace: w.meta.id.namespace.clone(),
+                name: w.meta.id.name.clone(),
+                service_account: w.service_account.clone(),
+                principal: self
+                    .state
+                    .principal(&w.meta.id.namespace, &w.service_account),
+                app: w
+                    .meta
+                    .labels
+                    .get("app")
+                    .or_else(|| w.meta.labels.get("app.kubernetes.io/name"))
+                    .cloned(),
+            };
+            for ip in &w.addresses {
+                entries.push((*ip, info.clone()));
+            }
+        }
+        self.directory.set_workloads(entries);
     }
 
     fn record(&self, stats: &ApplyStats) {

@@ -13,7 +13,7 @@ use std::{
 use mycel_common::service::MAX_SERVICES;
 use serde::Serialize;
 
-use crate::datapath::MapSizes;
+use crate::{datapath::MapSizes, flows};
 
 /// Where pinned maps and links live by default.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/mycel";
@@ -58,7 +58,17 @@ pub struct Config {
     /// `--max-services`, `--max-backends` / `MYCEL_MAX_SERVICES`, `MYCEL_MAX_BACKENDS`:
     /// sizes of the service maps when the agent creates them.
     pub map_sizes: MapSizes,
+    /// `--flow-buffer`, `--flow-log`, `--flow-log-max-bytes`, `--flow-log-files`
+    /// (`MYCEL_FLOW_*`): recent flows kept in memory and the optional flow log file.
+    pub flows: flows::Config,
 }
+
+/// Most recent flows `--flow-buffer` may keep.
+pub const MAX_FLOW_BUFFER: u32 = 1 << 20;
+/// Smallest `--flow-log-max-bytes`: room for a few records.
+pub const MIN_FLOW_LOG_BYTES: u64 = 4 << 10;
+/// Most rotated files `--flow-log-files` may keep.
+pub const MAX_FLOW_LOG_FILES: u32 = 1_000;
 
 /// The raw settings as given, before validation.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -91,6 +101,18 @@ pub struct Args {
     /// Backend slots across all services the kernel map holds; used when the map is created.
     #[arg(long, env = "MYCEL_MAX_BACKENDS", default_value_t = MapSizes::default().backends.to_string())]
     pub max_backends: String,
+    /// Recent flows kept in memory for `mycel flows` and /debug/flows.
+    #[arg(long, env = "MYCEL_FLOW_BUFFER", default_value_t = flows::DEFAULT_BUFFER.to_string())]
+    pub flow_buffer: String,
+    /// Append every flow event to this file as JSON lines (default: no file).
+    #[arg(long, env = "MYCEL_FLOW_LOG")]
+    pub flow_log: Option<String>,
+    /// Rotate the flow log before it grows past this many bytes.
+    #[arg(long, env = "MYCEL_FLOW_LOG_MAX_BYTES", default_value_t = flows::log::DEFAULT_MAX_BYTES.to_string())]
+    pub flow_log_max_bytes: String,
+    /// Rotated flow log files kept (PATH.1 … PATH.N; the oldest is deleted).
+    #[arg(long, env = "MYCEL_FLOW_LOG_FILES", default_value_t = flows::log::DEFAULT_FILES.to_string())]
+    pub flow_log_files: String,
 }
 
 /// An invalid setting.
@@ -155,8 +177,47 @@ impl Config {
                 backends: count("--max-backends", &args.max_backends, 1, 1 << 24)?,
                 ..MapSizes::default()
             },
+            flows: flow_config(args)?,
         })
     }
+}
+
+fn flow_config(args: &Args) -> Result<flows::Config, Error> {
+    let log = match &args.flow_log {
+        None => None,
+        Some(p) if p.is_empty() => None,
+        Some(p) => {
+            let path = PathBuf::from(p);
+            if path.file_name().is_none() {
+                return Err(invalid("--flow-log", p, "must name a file"));
+            }
+            let max_bytes = match args.flow_log_max_bytes.parse::<u64>() {
+                Ok(n) if n >= MIN_FLOW_LOG_BYTES => n,
+                _ => {
+                    return Err(invalid(
+                        "--flow-log-max-bytes",
+                        &args.flow_log_max_bytes,
+                        format!("expected a whole number of bytes, at least {MIN_FLOW_LOG_BYTES}"),
+                    ));
+                }
+            };
+            Some(flows::LogConfig {
+                path,
+                max_bytes,
+                files: count(
+                    "--flow-log-files",
+                    &args.flow_log_files,
+                    0,
+                    MAX_FLOW_LOG_FILES,
+                )?,
+            })
+        }
+    };
+    Ok(flows::Config {
+        buffer: count("--flow-buffer", &args.flow_buffer, 1, MAX_FLOW_BUFFER)? as usize,
+        log,
+        ..flows::Config::default()
+    })
 }
 
 fn count(setting: &'static str, v: &str, min: u32, max: u32) -> Result<u32, Error> {
@@ -214,6 +275,46 @@ mod tests {
             detach_on_exit: false,
             max_services: "65536".into(),
             max_backends: "1000".into(),
+            flow_buffer: "4096".into(),
+            flow_log: None,
+            flow_log_max_bytes: flows::log::DEFAULT_MAX_BYTES.to_string(),
+            flow_log_files: flows::log::DEFAULT_FILES.to_string(),
+        }
+    }
+
+    #[test]
+    fn flow_settings() {
+        let cfg = Config::from_args(&args(), MOUNTS).unwrap();
+        assert_eq!(cfg.flows.buffer, flows::DEFAULT_BUFFER);
+        assert_eq!(cfg.flows.log, None);
+
+        let mut a = args();
+        a.flow_log = Some("/var/log/mycel/flows.log".into());
+        let cfg = Config::from_args(&a, MOUNTS).unwrap();
+        assert_eq!(
+            cfg.flows.log,
+            Some(flows::LogConfig {
+                path: "/var/log/mycel/flows.log".into(),
+                max_bytes: 64 << 20,
+                files: 5,
+            })
+        );
+
+        for (setting, set) in [
+            (
+                "--flow-buffer",
+                (|a: &mut Args| a.flow_buffer = "0".into()) as fn(&mut Args),
+            ),
+            ("--flow-log-max-bytes", |a| {
+                a.flow_log_max_bytes = "10".into()
+            }),
+            ("--flow-log-files", |a| a.flow_log_files = "many".into()),
+            ("--flow-log", |a| a.flow_log = Some("/".into())),
+        ] {
+            let mut a = args();
+            a.flow_log = Some("/tmp/flows.log".into());
+            set(&mut a);
+            assert_eq!(Config::from_args(&a, MOUNTS).unwrap_err().setting, setting);
         }
     }
 

@@ -6,15 +6,26 @@
 //! down, and a new agent takes the maps over (reading back what they hold) instead of
 //! flushing and refilling them.
 
-use std::{io, path::PathBuf};
+use std::{collections::BTreeMap, io, net::IpAddr, path::PathBuf};
 
-use mycel_common::service::{DEFAULT_BACKEND_SLOTS, MAX_SERVICES, REVNAT_ENTRIES};
+use mycel_common::{
+    flow::DEFAULT_FLOW_ENTRIES,
+    service::{DEFAULT_BACKEND_SLOTS, MAX_SERVICES, REVNAT_ENTRIES},
+};
 
+mod flows;
+mod policy;
 mod programs;
 mod services;
+mod tc;
 
+pub use flows::{
+    FlowReader, dump_flows, flow_events_from_pin, parse as parse_flow_event, spawn_flow_reader,
+};
+pub use policy::{IpPrefix, PolicyApplyStats, PolicyContent, PolicyMaps, ipcache_key};
 pub use programs::{AttachedProgram, KernelFeature, PROGRAMS, ProgramStatus};
 pub use services::{ApplyStats, MapBackend, MapService, ServiceMaps, dump_pinned};
+pub use tc::{TC_PROGRAMS, TCX_FEATURE, TcAttachment, TcMode, ifindex_of, interface_name};
 
 /// The compiled kernel programs, built by `build.rs` from `ebpf/mycel-ebpf`.
 pub(crate) static EBPF_OBJECT: &[u8] =
@@ -61,6 +72,23 @@ pub enum Error {
     NoServiceId(u32),
     #[error("removing pins under {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
+    #[error("interface {interface}: {source}")]
+    Interface {
+        interface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("ipcache prefix {addr}/{len}: the prefix length is too long for the address")]
+    InvalidPrefix { addr: IpAddr, len: u8 },
+    #[error("flow events (map FLOW_EVENTS): {detail}")]
+    FlowEvents { detail: String },
+}
+
+pub(crate) fn programs_err(name: &'static str, e: aya::programs::ProgramError) -> Error {
+    Error::Program {
+        name,
+        source: Box::new(e),
+    }
 }
 
 impl Error {
@@ -82,6 +110,8 @@ pub struct MapSizes {
     pub backends: u32,
     /// Sockets remembered for getpeername()/recvmsg() (`REVNAT`, an LRU).
     pub revnat: u32,
+    /// Flows counted at once (`FLOWS`, an LRU: the least recently seen make room).
+    pub flows: u32,
 }
 
 impl Default for MapSizes {
@@ -90,7 +120,21 @@ impl Default for MapSizes {
             services: MAX_SERVICES,
             backends: DEFAULT_BACKEND_SLOTS,
             revnat: REVNAT_ENTRIES,
+            flows: DEFAULT_FLOW_ENTRIES,
         }
+    }
+}
+
+/// Holds the ring buffer until it is handed out (aya's `RingBuf` has no `Debug`).
+struct FlowEventsSlot(Option<aya::maps::RingBuf<aya::maps::MapData>>);
+
+impl std::fmt::Debug for FlowEventsSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "FlowEvents"
+        } else {
+            "FlowEvents(taken)"
+        })
     }
 }
 
@@ -101,8 +145,16 @@ pub struct Datapath {
     programs: Vec<AttachedProgram>,
     features: Vec<KernelFeature>,
     pub services: ServiceMaps,
+    /// IPCACHE, ENDPOINTS and POLICY.
+    pub policy: PolicyMaps,
+    /// How TC programs attach on this kernel, once the first attach found out.
+    tc_mode: Option<TcMode>,
+    /// Interfaces this process attached the TC programs to, by ifindex.
+    tc: BTreeMap<u32, TcAttachment>,
+    /// The FLOW_EVENTS ring buffer until [`Datapath::take_flow_events`] hands it out.
+    flow_events: FlowEventsSlot,
     // Keeps the loaded object (and its program fds) alive.
-    _ebpf: aya::Ebpf,
+    ebpf: aya::Ebpf,
 }
 
 impl Datapath {
@@ -121,14 +173,106 @@ impl Datapath {
         programs::prepare_pin_dir(pin_dir)?;
         let mut ebpf = programs::load(pin_dir, sizes)?;
         let services = ServiceMaps::take(&mut ebpf)?;
+        let policy = PolicyMaps::take(&mut ebpf)?;
+        let flow_events = ebpf
+            .take_map("FLOW_EVENTS")
+            .ok_or(Error::MissingMap { map: "FLOW_EVENTS" })?;
+        let flow_events =
+            aya::maps::RingBuf::try_from(flow_events).map_err(|e| Error::map("FLOW_EVENTS", e))?;
+        tc::load(&mut ebpf)?;
         let (programs, features) = programs::attach_all(&mut ebpf, cgroup, pin_dir)?;
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
             programs,
             features,
             services,
-            _ebpf: ebpf,
+            policy,
+            tc_mode: None,
+            tc: BTreeMap::new(),
+            flow_events: FlowEventsSlot(Some(flow_events)),
+            ebpf,
         })
+    }
+
+    /// Attaches the TC programs (policy and flow accounting) to a workload's host-side
+    /// interface, by name, in the calling thread's network namespace. Replaces an earlier
+    /// agent's attachment in place.
+    pub fn attach_tc(&mut self, interface: &str) -> Result<TcAttachment, Error> {
+        let a = tc::attach(
+            &mut self.ebpf,
+            &self.pin_dir,
+            interface,
+            &mut self.tc_mode,
+            &mut self.features,
+        )?;
+        self.tc.insert(a.ifindex, a.clone());
+        Ok(a)
+    }
+
+    /// [`Datapath::attach_tc`] by ifindex.
+    pub fn attach_tc_ifindex(&mut self, ifindex: u32) -> Result<TcAttachment, Error> {
+        let name = interface_name(ifindex)?;
+        self.attach_tc(&name)
+    }
+
+    /// Detaches the TC programs from interface `ifindex` (a removed workload). Interfaces
+    /// attached by an earlier agent are found by their pins (tcx) or by name (clsact, when
+    /// the interface still exists).
+    pub fn detach_tc(&mut self, ifindex: u32) -> Result<(), Error> {
+        let known = self.tc.remove(&ifindex);
+        let name = known
+            .as_ref()
+            .map(|a| a.interface.clone())
+            .or_else(|| interface_name(ifindex).ok());
+        let mode = known
+            .map(|a| a.mode)
+            .or(self.tc_mode)
+            .unwrap_or(TcMode::Tcx);
+        tc::detach(&self.pin_dir, ifindex, name.as_deref(), mode)
+    }
+
+    /// Interfaces this process attached the TC programs to.
+    pub fn tc_attachments(&self) -> impl Iterator<Item = &TcAttachment> {
+        self.tc.values()
+    }
+
+    /// Forces how the TC programs attach from now on, e.g. clsact on a kernel with tcx (for
+    /// tools that only look at clsact filters). Forcing tcx on a kernel without it makes
+    /// attaching fail.
+    pub fn set_tc_mode(&mut self, mode: TcMode) {
+        self.tc_mode = Some(mode);
+    }
+
+    /// How TC programs attach on this kernel, once known (after the first attach).
+    pub fn tc_mode(&self) -> Option<TcMode> {
+        self.tc_mode
+    }
+
+    /// Runs TC program `program` (one of [`TC_PROGRAMS`]) once on `packet` (an Ethernet
+    /// frame) with `BPF_PROG_TEST_RUN`, as if the loopback device of the caller's network
+    /// namespace carried it, and returns the program's verdict (`u32::MAX` pass, 2 drop).
+    /// For tests and diagnostics: the maps are the live ones.
+    pub fn tc_test_run(&self, program: &'static str, packet: &[u8]) -> Result<u32, Error> {
+        use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .ok_or_else(|| Error::Link {
+                name: program,
+                path: PathBuf::from(program),
+                detail: "program missing from the eBPF object".into(),
+            })?
+            .try_into()
+            .map_err(|e| programs_err(program, e))?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        let result = prog.test_run(opts).map_err(|e| programs_err(program, e))?;
+        Ok(result.return_value)
+    }
+
+    /// Hands out the FLOW_EVENTS ring buffer (once) for [`spawn_flow_reader`].
+    pub fn take_flow_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.flow_events.0.take()
     }
 
     pub fn pin_dir(&self) -> &std::path::Path {
@@ -148,9 +292,15 @@ impl Datapath {
     /// process exits.
     pub fn detach_and_unpin(self) -> Result<(), Error> {
         let Self {
-            pin_dir, programs, ..
+            pin_dir,
+            programs,
+            tc: attached_tc,
+            ..
         } = self;
         programs::detach_all(programs)?;
+        for a in attached_tc.values() {
+            tc::detach(&pin_dir, a.ifindex, Some(&a.interface), a.mode)?;
+        }
         let unpin = |path: PathBuf| -> Result<(), Error> {
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => Ok(()),

@@ -12,6 +12,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod flows;
 pub mod metrics;
 pub mod source;
 pub mod state;

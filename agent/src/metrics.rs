@@ -45,6 +45,14 @@ pub struct Metrics {
     pub datapath_errors: Counter,
     /// `mycel_ready`: 1 once the initial state is programmed.
     pub ready: Gauge,
+    /// `mycel_policy_loaded`: AuthorizationPolicies in force.
+    pub policy_loaded: Gauge,
+    /// `mycel_policy_entries`: compiled policy entries in the kernel map.
+    pub policy_entries: Gauge,
+    /// `mycel_policy_endpoints`: local workloads with policy and flow programs attached.
+    pub policy_endpoints: Gauge,
+    /// `mycel_ipcache_entries`: addresses and CIDRs with a known identity.
+    pub ipcache_entries: Gauge,
 }
 
 impl Metrics {
@@ -58,6 +66,10 @@ impl Metrics {
             map_operations: Family::default(),
             datapath_errors: Counter::default(),
             ready: Gauge::default(),
+            policy_loaded: Gauge::default(),
+            policy_entries: Gauge::default(),
+            policy_endpoints: Gauge::default(),
+            ipcache_entries: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("mycel");
         r.register(
@@ -100,6 +112,30 @@ impl Metrics {
             "1 once the initial state is programmed",
             m.ready.clone(),
         );
+        for (name, help, gauge) in [
+            (
+                "policy_loaded",
+                "AuthorizationPolicies in force",
+                &m.policy_loaded,
+            ),
+            (
+                "policy_entries",
+                "Compiled policy entries in the kernel map",
+                &m.policy_entries,
+            ),
+            (
+                "policy_endpoints",
+                "Local workloads with policy and flow programs attached",
+                &m.policy_endpoints,
+            ),
+            (
+                "ipcache_entries",
+                "Addresses and CIDRs with a known identity in the kernel map",
+                &m.ipcache_entries,
+            ),
+        ] {
+            r.register(name, help, gauge.clone());
+        }
         m
     }
 }

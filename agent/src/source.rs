@@ -65,7 +65,8 @@ impl fmt::Display for Location {
 
 /// The kinds a source understands, for error messages.
 pub const SUPPORTED_KINDS: &str = "v1 Service, discovery.k8s.io/v1 EndpointSlice, \
-                                   mycel.dev/v1alpha1 Workload";
+                                   mycel.dev/v1alpha1 Workload, \
+                                   mycel.dev/v1alpha1 AuthorizationPolicy";
 
 /// A problem with a source or its input.
 #[derive(thiserror::Error, Debug)]
@@ -193,6 +194,17 @@ pub enum Problem {
     Duplicate(String),
     #[error("{0:?} is longer than {1} characters")]
     TooLong(String, usize),
+    #[error("{0:?} is not a port number (1-65535)")]
+    NotAPort(String),
+    /// The message names the value.
+    #[error("{0}")]
+    BadCidr(String),
+    #[error("{0} is not supported (only ALLOW and DENY are)")]
+    UnsupportedAction(String),
+    #[error("{0:?} is not an action (ALLOW or DENY)")]
+    UnknownAction(String),
+    #[error("{value:?}: {reason}")]
+    BadPattern { value: String, reason: &'static str },
 }
 
 fn quoted(value: &Option<String>) -> String {

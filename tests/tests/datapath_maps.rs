@@ -56,6 +56,7 @@ fn a_full_map_leaves_nothing_half_written() {
         services: 16,
         backends: 8,
         revnat: 64,
+        ..MapSizes::default()
     };
     let mut dp = Datapath::load_with(&node.cgroup, &node.bpffs, sizes).expect("load datapath");
     let (a, b) = (frontend("10.96.0.1"), frontend("10.96.0.2"));

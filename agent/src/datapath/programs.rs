@@ -122,6 +122,7 @@ pub(super) fn load(pin_dir: &Path, sizes: super::MapSizes) -> Result<Ebpf, Error
         .map_max_entries("SERVICES", sizes.services)
         .map_max_entries("BACKENDS", sizes.backends)
         .map_max_entries("REVNAT", sizes.revnat)
+        .map_max_entries("FLOWS", sizes.flows)
         .load(EBPF_OBJECT)
         .map_err(|e| Error::Load(Box::new(e)))
 }

@@ -2,8 +2,8 @@
 //!
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in the directory is read (hidden files
 //! and editor backups are not); a file may hold several documents separated by `---`. The
-//! kinds are `v1 Service`, `discovery.k8s.io/v1 EndpointSlice` and `mycel.dev/v1alpha1
-//! Workload`.
+//! kinds are `v1 Service`, `discovery.k8s.io/v1 EndpointSlice`, `mycel.dev/v1alpha1
+//! Workload` and `mycel.dev/v1alpha1 AuthorizationPolicy`.
 //!
 //! The unit of acceptance is the file: when any document of a changed file is invalid, the
 //! problems are reported once and the objects the file had before stay as they were, until
@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Error, Location, SourceEvent,
-    translate::{self, WORKLOAD_API_VERSION, WORKLOAD_KIND},
+    translate::{self, POLICY_API_VERSION, POLICY_KIND, WORKLOAD_API_VERSION, WORKLOAD_KIND},
 };
 use crate::state::{Kind, Origin, Resource, ResourceKey, Update};
 
@@ -702,6 +702,18 @@ fn resource(
                 decode(value, bytes, index, location, Kind::Workload, object)?;
             translate::workload(&workload, location).map(|w| Some(Resource::Workload(w)))
         }
+        (Some(POLICY_API_VERSION), Some(POLICY_KIND)) => {
+            let policy: translate::AuthorizationPolicy = decode(
+                value,
+                bytes,
+                index,
+                location,
+                Kind::AuthorizationPolicy,
+                object,
+            )?;
+            translate::authorization_policy(&policy, location)
+                .map(|p| Some(Resource::AuthorizationPolicy(p)))
+        }
         _ => Err(vec![Error::UnknownKind {
             location: location.clone(),
             api_version,
@@ -890,7 +902,7 @@ spec:
         assert_eq!(
             m,
             [
-                r#"f.yaml (document 2): unknown kind "apps/v1" "Deployment" (supported: v1 Service, discovery.k8s.io/v1 EndpointSlice, mycel.dev/v1alpha1 Workload)"#
+                r#"f.yaml (document 2): unknown kind "apps/v1" "Deployment" (supported: v1 Service, discovery.k8s.io/v1 EndpointSlice, mycel.dev/v1alpha1 Workload, mycel.dev/v1alpha1 AuthorizationPolicy)"#
             ]
         );
         let m = parse_errors(b"metadata: {name: x}\n");
@@ -1216,6 +1228,68 @@ spec:
         let error = next_error(&mut rx).await;
         assert!(error.contains("(document 2): Service default/web: spec.ports[0].port: 70000 is out of range 1-65535"), "{error}");
         quiet(&mut rx).await;
+    }
+
+    const POLICY: &str = "\
+apiVersion: mycel.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-from-a, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from: [{source: {namespaces: [a]}}]
+    to: [{operation: {ports: [\"8080\"]}}]
+";
+
+    #[test]
+    fn authorization_policies_are_read() {
+        let objects = parse(&Origin::from("f.yaml"), POLICY.as_bytes()).unwrap();
+        let [(key, (_, Resource::AuthorizationPolicy(policy)))] =
+            objects.iter().collect::<Vec<_>>()[..]
+        else {
+            panic!("{objects:?}")
+        };
+        assert_eq!(key.to_string(), "AuthorizationPolicy shop/web-from-a");
+        assert_eq!(policy.rules[0].to[0].ports, [8080]);
+        // A problem in a policy rejects the file, naming the field and the line of a
+        // decoding problem.
+        let m = parse_errors(format!("{SERVICE}---\n{}", POLICY.replace("8080", "80a")).as_bytes());
+        assert_eq!(
+            m,
+            [
+                r#"f.yaml (document 2): AuthorizationPolicy shop/web-from-a: spec.rules[0].to[0].operation.ports[0]: "80a" is not a port number (1-65535)"#
+            ]
+        );
+        let m = parse_errors(POLICY.replace("namespaces", "namespace").as_bytes());
+        assert!(m[0].starts_with("f.yaml:7:"), "{m:?}");
+        assert!(m[0].contains("AuthorizationPolicy shop/web-from-a: spec.rules[0].from[0].source.namespace: unknown field `namespace`"), "{m:?}");
+    }
+
+    #[tokio::test]
+    async fn a_rejected_policy_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "policy.yaml", POLICY);
+        let (_source, mut rx) = start(dir.path()).await;
+        let update = next_update(&mut rx).await;
+        assert_eq!(update.upserts.len(), 1);
+        write(
+            dir.path(),
+            "policy.yaml",
+            &POLICY.replace("rules:", "action: AUDIT\n  rules:"),
+        );
+        let error = next_error(&mut rx).await;
+        assert!(
+            error.contains("spec.action: AUDIT is not supported"),
+            "{error}"
+        );
+        assert_eq!(next_rejected(&mut rx).await, 1);
+        quiet(&mut rx).await;
+        write(dir.path(), "policy.yaml", &POLICY.replace("8080", "9090"));
+        let update = next_update(&mut rx).await;
+        let [Resource::AuthorizationPolicy(policy)] = &update.upserts[..] else {
+            panic!("{update:?}")
+        };
+        assert_eq!(policy.rules[0].to[0].ports, [9090]);
     }
 
     #[tokio::test]

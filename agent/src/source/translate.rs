@@ -19,12 +19,19 @@ use k8s_openapi::{
 use serde::{Deserialize, Serialize};
 
 use super::{Error, Location, Problem};
-use crate::state::{self, Affinity, Kind, Meta, ObjectRef, Protocol};
+use crate::state::{
+    self, Affinity, Kind, Meta, ObjectRef, Protocol,
+    policy::{Action, Cidr, Operation, Rule, Source, StringMatch},
+};
 
 /// `apiVersion` of [`Workload`].
 pub const WORKLOAD_API_VERSION: &str = "mycel.dev/v1alpha1";
 /// `kind` of [`Workload`].
 pub const WORKLOAD_KIND: &str = "Workload";
+/// `apiVersion` of [`AuthorizationPolicy`].
+pub const POLICY_API_VERSION: &str = "mycel.dev/v1alpha1";
+/// `kind` of [`AuthorizationPolicy`].
+pub const POLICY_KIND: &str = "AuthorizationPolicy";
 /// The label that names an EndpointSlice's Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The namespace of objects that name none, as in Kubernetes.
@@ -77,6 +84,168 @@ pub struct WorkloadSpec {
     /// The workload's cgroup (v2) directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+}
+
+/// mycel's `AuthorizationPolicy` (`mycel.dev/v1alpha1`), with the fields of Istio's
+/// `security.istio.io/v1` AuthorizationPolicy (same names, same meaning; see
+/// [`state::policy`] for what the kernel can enforce).
+///
+/// ```yaml
+/// apiVersion: mycel.dev/v1alpha1
+/// kind: AuthorizationPolicy
+/// metadata: {name: web-from-frontend, namespace: shop}
+/// spec:
+///   selector: {matchLabels: {app: web}}
+///   action: ALLOW
+///   rules:
+///   - from:
+///     - source: {principals: [cluster.local/ns/shop/sa/frontend]}
+///     to:
+///     - operation: {ports: ["8080"]}
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicy {
+    /// [`POLICY_API_VERSION`].
+    pub api_version: String,
+    /// [`POLICY_KIND`].
+    pub kind: String,
+    /// Name, namespace (default `default`); other fields are ignored.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: AuthorizationPolicySpec,
+}
+
+/// The `spec` of an [`AuthorizationPolicy`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    /// The workloads of the namespace the policy applies to; absent: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// `ALLOW` (the default) or `DENY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Absent or empty: the policy matches nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<RuleSpec>>,
+}
+
+/// `spec.selector`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// `spec.rules[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<RuleFrom>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<RuleTo>>,
+    /// Conditions; HTTP-level for mycel's purposes (see [`state::policy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Vec<Condition>>,
+}
+
+/// `spec.rules[].from[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleFrom {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceSpec>,
+}
+
+/// `spec.rules[].to[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleTo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<OperationSpec>,
+}
+
+/// `spec.rules[].from[].source`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceSpec {
+    /// `cluster.local/ns/<ns>/sa/<sa>` (optionally with `spiffe://`); `*`, `prefix*`,
+    /// `*suffix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_principals: Option<Vec<String>>,
+    /// HTTP-level (JWT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_request_principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_namespaces: Option<Vec<String>>,
+    /// Addresses or CIDRs of the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_blocks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ip_blocks: Option<Vec<String>>,
+    /// HTTP-level (`X-Forwarded-For`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_ip_blocks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_remote_ip_blocks: Option<Vec<String>>,
+    /// `<namespace>/<name>`, or `<name>` in the policy's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_accounts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_service_accounts: Option<Vec<String>>,
+}
+
+/// `spec.rules[].to[].operation`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OperationSpec {
+    /// Destination ports, as strings (Istio) or numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ports: Option<Vec<PortValue>>,
+    /// HTTP-level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_hosts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_methods: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_paths: Option<Vec<String>>,
+}
+
+/// `spec.rules[].when[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_values: Option<Vec<String>>,
+}
+
+/// A port as Istio writes it (a string of digits) or as a number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PortValue {
+    Number(i64),
+    Text(String),
 }
 
 /// Collects the problems of one object.
@@ -447,6 +616,276 @@ pub fn workload(w: &Workload, location: &Location) -> Result<state::Workload, Ve
     })
 }
 
+/// Translates a mycel [`AuthorizationPolicy`].
+///
+/// Rejects, naming the field: an action other than ALLOW and DENY, a port that is not a
+/// number in 1-65535, an address or CIDR that does not parse, a principal or namespace
+/// pattern with `*` inside, a malformed service account, and (as Istio does) a `source` or
+/// `operation` that is absent or sets nothing. HTTP-level fields are accepted and listed in
+/// [`state::AuthorizationPolicy::l7_fields`].
+pub fn authorization_policy(
+    p: &AuthorizationPolicy,
+    location: &Location,
+) -> Result<state::AuthorizationPolicy, Vec<Error>> {
+    let mut problems = Problems::new(location, Kind::AuthorizationPolicy, &p.metadata);
+    let meta = meta(&p.metadata, location, &mut problems);
+    let spec = &p.spec;
+    let action = match spec.action.as_deref() {
+        None | Some("ALLOW") => Action::Allow,
+        Some("DENY") => Action::Deny,
+        Some(other @ ("AUDIT" | "CUSTOM")) => {
+            problems.add("spec.action", Problem::UnsupportedAction(other.to_owned()));
+            Action::Allow
+        }
+        Some(other) => {
+            problems.add("spec.action", Problem::UnknownAction(other.to_owned()));
+            Action::Allow
+        }
+    };
+    let mut l7_fields = Vec::new();
+    let mut rules = Vec::new();
+    for (i, r) in spec.rules.iter().flatten().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        let mut rule = Rule::default();
+        for (j, from) in r.from.iter().flatten().enumerate() {
+            let at = format!("{at}.from[{j}].source");
+            match &from.source {
+                None => problems.add(at, Problem::Missing),
+                Some(source) => {
+                    let l7 = [
+                        ("requestPrincipals", &source.request_principals),
+                        ("notRequestPrincipals", &source.not_request_principals),
+                        ("remoteIpBlocks", &source.remote_ip_blocks),
+                        ("notRemoteIpBlocks", &source.not_remote_ip_blocks),
+                    ];
+                    rule.has_l7 |= note_l7(&at, &l7, &mut l7_fields);
+                    let translated = self::source(source, &at, &meta.id.namespace, &mut problems);
+                    let l4 = [
+                        &source.principals,
+                        &source.not_principals,
+                        &source.namespaces,
+                        &source.not_namespaces,
+                        &source.ip_blocks,
+                        &source.not_ip_blocks,
+                        &source.service_accounts,
+                        &source.not_service_accounts,
+                    ];
+                    if !l4.into_iter().chain(l7.map(|(_, v)| v)).any(is_set) {
+                        problems.add(at, Problem::Empty);
+                    }
+                    rule.from.push(translated);
+                }
+            }
+        }
+        for (j, to) in r.to.iter().flatten().enumerate() {
+            let at = format!("{at}.to[{j}].operation");
+            match &to.operation {
+                None => problems.add(at, Problem::Missing),
+                Some(op) => {
+                    let l7 = [
+                        ("hosts", &op.hosts),
+                        ("notHosts", &op.not_hosts),
+                        ("methods", &op.methods),
+                        ("notMethods", &op.not_methods),
+                        ("paths", &op.paths),
+                        ("notPaths", &op.not_paths),
+                    ];
+                    rule.has_l7 |= note_l7(&at, &l7, &mut l7_fields);
+                    let translated = Operation {
+                        ports: ports(op.ports.as_deref(), &format!("{at}.ports"), &mut problems),
+                        not_ports: ports(
+                            op.not_ports.as_deref(),
+                            &format!("{at}.notPorts"),
+                            &mut problems,
+                        ),
+                    };
+                    let ports_set =
+                        |p: &Option<Vec<PortValue>>| p.as_ref().is_some_and(|p| !p.is_empty());
+                    if !ports_set(&op.ports)
+                        && !ports_set(&op.not_ports)
+                        && !l7.iter().any(|(_, v)| is_set(v))
+                    {
+                        problems.add(at, Problem::Empty);
+                    }
+                    rule.to.push(translated);
+                }
+            }
+        }
+        if r.when.as_ref().is_some_and(|w| !w.is_empty()) {
+            rule.has_l7 = true;
+            l7_fields.push(format!("{at}.when"));
+        }
+        rules.push(rule);
+    }
+    problems.finish(state::AuthorizationPolicy {
+        meta,
+        selector: spec
+            .selector
+            .as_ref()
+            .map(|s| s.match_labels.clone())
+            .unwrap_or_default(),
+        action,
+        rules,
+        l7_fields,
+    })
+}
+
+/// Whether a list field is set (an empty list is not, as in Istio).
+fn is_set(value: &Option<Vec<String>>) -> bool {
+    value.as_ref().is_some_and(|v| !v.is_empty())
+}
+
+/// Records the HTTP-level fields set; true if any is.
+fn note_l7(at: &str, fields: &[(&str, &Option<Vec<String>>)], out: &mut Vec<String>) -> bool {
+    let mut any = false;
+    for (name, value) in fields {
+        if is_set(value) {
+            out.push(format!("{at}.{name}"));
+            any = true;
+        }
+    }
+    any
+}
+
+/// The L4 fields of a `source`.
+fn source(s: &SourceSpec, at: &str, namespace: &str, problems: &mut Problems<'_>) -> Source {
+    Source {
+        principals: patterns(
+            s.principals.as_deref(),
+            &format!("{at}.principals"),
+            true,
+            problems,
+        ),
+        not_principals: patterns(
+            s.not_principals.as_deref(),
+            &format!("{at}.notPrincipals"),
+            true,
+            problems,
+        ),
+        namespaces: patterns(
+            s.namespaces.as_deref(),
+            &format!("{at}.namespaces"),
+            false,
+            problems,
+        ),
+        not_namespaces: patterns(
+            s.not_namespaces.as_deref(),
+            &format!("{at}.notNamespaces"),
+            false,
+            problems,
+        ),
+        service_accounts: service_accounts(
+            s.service_accounts.as_deref(),
+            &format!("{at}.serviceAccounts"),
+            namespace,
+            problems,
+        ),
+        not_service_accounts: service_accounts(
+            s.not_service_accounts.as_deref(),
+            &format!("{at}.notServiceAccounts"),
+            namespace,
+            problems,
+        ),
+        ip_blocks: cidrs(s.ip_blocks.as_deref(), &format!("{at}.ipBlocks"), problems),
+        not_ip_blocks: cidrs(
+            s.not_ip_blocks.as_deref(),
+            &format!("{at}.notIpBlocks"),
+            problems,
+        ),
+    }
+}
+
+/// Principal or namespace patterns; principals may start with `spiffe://`.
+fn patterns(
+    values: Option<&[String]>,
+    at: &str,
+    principal: bool,
+    problems: &mut Problems<'_>,
+) -> Vec<StringMatch> {
+    let mut out = Vec::new();
+    for (i, value) in values.unwrap_or_default().iter().enumerate() {
+        let text = if principal {
+            value.strip_prefix("spiffe://").unwrap_or(value)
+        } else {
+            value
+        };
+        match StringMatch::parse(text) {
+            Ok(m) => out.push(m),
+            Err(reason) => problems.add(
+                format!("{at}[{i}]"),
+                Problem::BadPattern {
+                    value: value.clone(),
+                    reason,
+                },
+            ),
+        }
+    }
+    out
+}
+
+/// `namespace/name` or `name` (in the policy's namespace).
+fn service_accounts(
+    values: Option<&[String]>,
+    at: &str,
+    namespace: &str,
+    problems: &mut Problems<'_>,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, value) in values.unwrap_or_default().iter().enumerate() {
+        let parsed = match value.split_once('/') {
+            None => Some((namespace, value.as_str())),
+            Some((ns, name)) if !name.contains('/') => Some((ns, name)),
+            Some(_) => None,
+        };
+        match parsed {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !value.contains('*') => {
+                out.push((ns.to_owned(), name.to_owned()));
+            }
+            _ => problems.add(
+                format!("{at}[{i}]"),
+                Problem::BadPattern {
+                    value: value.clone(),
+                    reason: "expected <namespace>/<name> or <name> (no wildcards)",
+                },
+            ),
+        }
+    }
+    out
+}
+
+fn cidrs(values: Option<&[String]>, at: &str, problems: &mut Problems<'_>) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for (i, value) in values.unwrap_or_default().iter().enumerate() {
+        match Cidr::parse(value) {
+            Ok(cidr) => out.push(cidr),
+            Err(message) => problems.add(format!("{at}[{i}]"), Problem::BadCidr(message)),
+        }
+    }
+    out
+}
+
+fn ports(values: Option<&[PortValue]>, at: &str, problems: &mut Problems<'_>) -> Vec<u16> {
+    let mut out = Vec::new();
+    for (i, value) in values.unwrap_or_default().iter().enumerate() {
+        let field = format!("{at}[{i}]");
+        let number = match value {
+            PortValue::Number(n) => *n,
+            PortValue::Text(text) => match text.trim().parse::<i64>() {
+                Ok(n) => n,
+                Err(_) => {
+                    problems.add(field, Problem::NotAPort(text.clone()));
+                    continue;
+                }
+            },
+        };
+        let p = port(number, field, problems);
+        if p != 0 && !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,6 +1243,170 @@ spec:
         assert!(m[2].contains("spec.serviceAccount: missing"), "{m:?}");
         assert!(m[3].contains("spec.interface: "), "{m:?}");
         assert!(m[3].contains("longer than 15"), "{m:?}");
+    }
+
+    fn ap(spec: &str) -> Result<state::AuthorizationPolicy, Vec<Error>> {
+        let p: AuthorizationPolicy = serde_yaml_ng::from_str(&format!(
+            "{{apiVersion: mycel.dev/v1alpha1, kind: AuthorizationPolicy, metadata: {{name: p, namespace: shop}}, spec: {spec}}}"
+        ))
+        .expect("test YAML is an AuthorizationPolicy");
+        authorization_policy(&p, &location())
+    }
+
+    #[test]
+    fn authorization_policy_translates() {
+        let p = ap("{selector: {matchLabels: {app: web}}, action: DENY, rules: [{from: [{source: {principals: ['spiffe://cluster.local/ns/a/sa/b', 'cluster.local/ns/x/*'], namespaces: ['*'], serviceAccounts: [a/b, c], notIpBlocks: [10.1.2.3/8, 'fd00::1']}}], to: [{operation: {ports: ['80', 443], notPorts: [' 8080']}}]}]}")
+            .unwrap();
+        assert_eq!(p.meta.id.to_string(), "shop/p");
+        assert_eq!(p.selector["app"], "web");
+        assert_eq!(p.action, Action::Deny);
+        let source = &p.rules[0].from[0];
+        assert_eq!(
+            source.principals,
+            [
+                StringMatch::Exact("cluster.local/ns/a/sa/b".into()),
+                StringMatch::Prefix("cluster.local/ns/x/".into())
+            ]
+        );
+        assert_eq!(source.namespaces, [StringMatch::Any]);
+        assert_eq!(
+            source.service_accounts,
+            [("a".into(), "b".into()), ("shop".into(), "c".into())],
+            "a bare name is in the policy's namespace"
+        );
+        assert_eq!(
+            source.not_ip_blocks[0].to_string(),
+            "10.0.0.0/8",
+            "host bits cleared"
+        );
+        assert_eq!(source.not_ip_blocks[1].to_string(), "fd00::1/128");
+        assert_eq!(p.rules[0].to[0].ports, [80, 443]);
+        assert_eq!(p.rules[0].to[0].not_ports, [8080]);
+        assert!(!p.rules[0].has_l7 && p.l7_fields.is_empty());
+
+        let p = ap("{}").unwrap();
+        assert_eq!(p.action, Action::Allow, "ALLOW by default");
+        assert!(p.rules.is_empty() && p.selector.is_empty());
+        assert_eq!(ap("{rules: [{}]}").unwrap().rules, [Rule::default()]);
+    }
+
+    #[test]
+    fn authorization_policy_problems_name_the_field() {
+        let cases = [
+            (
+                "{action: AUDIT}",
+                "spec.action: AUDIT is not supported (only ALLOW and DENY are)",
+            ),
+            ("{action: CUSTOM}", "spec.action: CUSTOM is not supported"),
+            (
+                "{action: allow}",
+                r#"spec.action: "allow" is not an action (ALLOW or DENY)"#,
+            ),
+            (
+                "{rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]}",
+                r#"spec.rules[0].from[0].source.ipBlocks[0]: "10.0.0.0/33": prefix length "33" is not a number in 0-32"#,
+            ),
+            (
+                "{rules: [{from: [{source: {notIpBlocks: [10.0.0.x]}}]}]}",
+                r#"spec.rules[0].from[0].source.notIpBlocks[0]: "10.0.0.x" is not an address or CIDR"#,
+            ),
+            (
+                "{rules: [{}, {to: [{operation: {ports: ['70000']}}]}]}",
+                "spec.rules[1].to[0].operation.ports[0]: 70000 is out of range 1-65535",
+            ),
+            (
+                "{rules: [{to: [{operation: {notPorts: [0]}}]}]}",
+                "spec.rules[0].to[0].operation.notPorts[0]: 0 is out of range 1-65535",
+            ),
+            (
+                "{rules: [{to: [{operation: {ports: [http]}}]}]}",
+                r#"spec.rules[0].to[0].operation.ports[0]: "http" is not a port number (1-65535)"#,
+            ),
+            (
+                "{rules: [{from: [{source: {principals: ['cluster.local/*/sa/x']}}]}]}",
+                r#"spec.rules[0].from[0].source.principals[0]: "cluster.local/*/sa/x": `*` may only be the whole value, a prefix or a suffix"#,
+            ),
+            (
+                "{rules: [{from: [{source: {notNamespaces: ['']}}]}]}",
+                r#"spec.rules[0].from[0].source.notNamespaces[0]: "": must not be empty"#,
+            ),
+            (
+                "{rules: [{from: [{source: {serviceAccounts: [a/b/c]}}]}]}",
+                r#"spec.rules[0].from[0].source.serviceAccounts[0]: "a/b/c": expected <namespace>/<name>"#,
+            ),
+            (
+                "{rules: [{from: [{}]}]}",
+                "spec.rules[0].from[0].source: missing",
+            ),
+            (
+                "{rules: [{from: [{source: {}}]}]}",
+                "spec.rules[0].from[0].source: must not be empty",
+            ),
+            (
+                "{rules: [{to: [{operation: {}}]}]}",
+                "spec.rules[0].to[0].operation: must not be empty",
+            ),
+        ];
+        for (spec, want) in cases {
+            let m = messages(ap(spec));
+            assert_eq!(m.len(), 1, "{spec}: {m:?}");
+            assert!(
+                m[0].starts_with("test.yaml (document 2): AuthorizationPolicy shop/p: "),
+                "{m:?}"
+            );
+            assert!(m[0].contains(want), "{spec}: {m:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn authorization_policy_rejects_unknown_fields() {
+        for (yaml, field) in [
+            (
+                "{selector: {matchLabels: {}}, targetRefs: []}",
+                "targetRefs",
+            ),
+            ("{selector: {matchExpressions: []}}", "matchExpressions"),
+            (
+                "{rules: [{from: [{source: {principal: [a]}}]}]}",
+                "principal",
+            ),
+            ("{rules: [{to: [{operation: {port: ['80']}}]}]}", "port"),
+            ("{rules: [{form: []}]}", "form"),
+        ] {
+            let err = serde_yaml_ng::from_str::<AuthorizationPolicy>(&format!(
+                "{{apiVersion: mycel.dev/v1alpha1, kind: AuthorizationPolicy, metadata: {{name: p}}, spec: {yaml}}}"
+            ))
+            .unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("unknown field `{field}`")),
+                "{yaml}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn authorization_policy_l7_fields_are_listed() {
+        let p = ap("{rules: [{from: [{source: {notRequestPrincipals: ['*'], namespaces: [a]}}], to: [{operation: {hosts: [x], methods: []}}], when: [{key: source.ip, values: [10.0.0.1]}]}]}")
+            .unwrap();
+        assert_eq!(
+            p.l7_fields,
+            [
+                "spec.rules[0].from[0].source.notRequestPrincipals",
+                "spec.rules[0].to[0].operation.hosts",
+                "spec.rules[0].when",
+            ],
+            "an empty list is not set"
+        );
+        assert!(p.rules[0].has_l7);
+        // An operation with only HTTP-level fields is not empty.
+        assert_eq!(
+            ap("{rules: [{to: [{operation: {methods: [GET]}}]}]}")
+                .unwrap()
+                .rules[0]
+                .to,
+            [Operation::default()]
+        );
     }
 
     #[test]

@@ -3,8 +3,16 @@
 
 use crate::pod;
 
+/// Default size of `FLOWS` (the agent may create it with another).
+pub const DEFAULT_FLOW_ENTRIES: u32 = 65_536;
+
 /// Key of `FLOWS` (LRU): the connection as its first packet saw it (the initiator is the
-/// source).
+/// source), seen from one endpoint. A connection between two workloads of the same node has
+/// two entries, one per endpoint ([`DIR_EGRESS`] at the initiator, [`DIR_INGRESS`] at the
+/// responder).
+///
+/// [`DIR_EGRESS`]: crate::policy::DIR_EGRESS
+/// [`DIR_INGRESS`]: crate::policy::DIR_INGRESS
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -13,7 +21,9 @@ pub struct FlowKey {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// `DIR_INGRESS` (the peer initiated) or `DIR_EGRESS` (the endpoint initiated).
+    pub direction: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
@@ -43,7 +53,9 @@ pub struct FlowValue {
     /// Non-zero once a FLOW_EVENT_CLOSED was sent.
     pub closed: u8,
     pub policy_id: u32,
-    pub _pad: u32,
+    /// TCP FIN seen: bit 0 from the initiator, bit 1 from the responder.
+    pub fin_seen: u8,
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 72);
 

@@ -4,6 +4,12 @@
 //! an empty binary, so the workspace's host tooling works without the eBPF toolchain.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `atomic_xadd`: per-flow counters shared by CPUs (`AtomicU64` has no `fetch_add` on BPF).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "core_intrinsics for atomic_xadd")
+)]
 
 #[cfg(target_arch = "bpf")]
 mod lb;
@@ -11,6 +17,8 @@ mod lb;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sock_addr;
+#[cfg(target_arch = "bpf")]
+mod tc;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

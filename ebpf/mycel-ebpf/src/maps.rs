@@ -6,9 +6,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use mycel_common::{
+    flow::{DEFAULT_FLOW_ENTRIES, FlowKey, FlowValue},
+    policy::{EndpointInfo, IpcacheAddr, IpcacheValue, PolicyKey, PolicyValue},
     service::{
         Backend, BackendKey, DEFAULT_BACKEND_SLOTS, MAX_AFFINITY_SERVICES, MAX_SERVICES,
         MaglevTable, REVNAT_ENTRIES, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
@@ -49,3 +51,33 @@ pub fn count(index: u32) {
         unsafe { *v += 1 };
     }
 }
+
+/// Entries of `IPCACHE`: workload addresses and policy CIDRs the node knows.
+const IPCACHE_ENTRIES: u32 = 65_536;
+/// Entries of `ENDPOINTS`: local workload interfaces.
+const ENDPOINT_ENTRIES: u32 = 4_096;
+/// Entries of `POLICY`: compiled rules of every local endpoint.
+const POLICY_ENTRIES: u32 = 65_536;
+/// Size of `FLOW_EVENTS` in bytes (a power of two multiple of the page size).
+const FLOW_EVENTS_BYTES: u32 = 1 << 20;
+
+/// Identity of every known address: longest prefix of the v4-mapped address → identity.
+/// (LPM tries are never preallocated; aya adds `BPF_F_NO_PREALLOC` itself.)
+#[map]
+pub static IPCACHE: LpmTrie<IpcacheAddr, IpcacheValue> = LpmTrie::pinned(IPCACHE_ENTRIES, 0);
+
+/// Local workloads by the ifindex of their host-side interface.
+#[map]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(ENDPOINT_ENTRIES, 0);
+
+/// Compiled policy: (endpoint, peer identity, port, protocol, direction) → verdict.
+#[map]
+pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(POLICY_ENTRIES, 0);
+
+/// Per-flow counters and cached verdicts (an LRU: the oldest flows make room).
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Flow events for the agent: new, closed and denied flows.
+#[map]
+pub static FLOW_EVENTS: RingBuf = RingBuf::pinned(FLOW_EVENTS_BYTES, 0);

@@ -1,0 +1,275 @@
+//! Typed writers for IPCACHE, ENDPOINTS and POLICY, applying only differences.
+//!
+//! The TC programs cache a verdict per flow together with the endpoint's
+//! `policy_revision`; a flow is evaluated again when the revision moves. Write order keeps
+//! that sound: first IPCACHE and POLICY are brought to the desired content (new and changed
+//! entries written, stale ones deleted), and only then are the revisions of the affected
+//! endpoints bumped. A flow evaluated while entries were changing carries the old revision
+//! and is evaluated again after the bump; no flow can cache a verdict from a half-written
+//! policy under the new revision.
+//!
+//! The writer owns the revisions: [`EndpointInfo::policy_revision`] in the desired content
+//! is ignored. An endpoint's revision is bumped when its info or any of its POLICY entries
+//! changed, and every endpoint's when IPCACHE changed (a peer's identity may have moved).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie};
+use mycel_common::{
+    policy::{EndpointInfo, IpcacheAddr, IpcacheValue, PolicyKey, PolicyValue},
+    service::v4_mapped,
+};
+use serde::Serialize;
+use tracing::debug;
+
+use super::Error;
+
+const IPCACHE: &str = "IPCACHE";
+const ENDPOINTS: &str = "ENDPOINTS";
+const POLICY: &str = "POLICY";
+
+/// An IPCACHE prefix: an address and its prefix length (≤ 32 for IPv4, ≤ 128 for IPv6).
+pub type IpPrefix = (IpAddr, u8);
+
+/// Everything the policy maps should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyContent {
+    /// Identity of every known address or CIDR.
+    pub ipcache: BTreeMap<IpPrefix, u32>,
+    /// Local endpoints by the ifindex of their host-side interface (`policy_revision` is
+    /// ignored: the writer sets it).
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    /// Compiled policy entries.
+    pub policy: BTreeMap<PolicyKey, PolicyValue>,
+}
+
+/// Counts of one [`PolicyMaps::apply`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PolicyApplyStats {
+    pub ipcache_writes: usize,
+    pub ipcache_deletes: usize,
+    pub policy_writes: usize,
+    pub policy_deletes: usize,
+    pub endpoint_writes: usize,
+    pub endpoint_deletes: usize,
+    /// Endpoints whose revision was bumped (their flows are evaluated again).
+    pub revisions_bumped: usize,
+}
+
+/// The policy maps and what they hold.
+#[derive(Debug)]
+pub struct PolicyMaps {
+    ipcache: LpmTrie<MapData, IpcacheAddr, IpcacheValue>,
+    endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
+    policy: BpfHashMap<MapData, PolicyKey, PolicyValue>,
+    /// What the maps hold, keyed as the kernel sees it (prefix length in bits over the
+    /// v4-mapped address).
+    held_ipcache: BTreeMap<(u32, IpcacheAddr), u32>,
+    held_endpoints: BTreeMap<u32, EndpointInfo>,
+    held_policy: BTreeMap<PolicyKey, PolicyValue>,
+}
+
+/// Converts a prefix to the IPCACHE key: v4-mapped, prefix length over 128 bits, host
+/// bits cleared.
+pub fn ipcache_key(prefix: IpPrefix) -> Result<Key<IpcacheAddr>, Error> {
+    let (addr, len) = prefix;
+    let (bits, bytes) = match addr {
+        IpAddr::V4(a) if len <= 32 => {
+            let mut m = v4_mapped(u32::from_ne_bytes(a.octets()));
+            m[3] = u32::from_ne_bytes(
+                (u32::from(a) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0))
+                    .to_be_bytes(),
+            );
+            (96 + u32::from(len), m)
+        }
+        IpAddr::V6(a) if len <= 128 => {
+            let masked = u128::from(a) & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            let o = masked.to_be_bytes();
+            let mut m = [0u32; 4];
+            for (i, w) in m.iter_mut().enumerate() {
+                *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+            }
+            (u32::from(len), m)
+        }
+        _ => return Err(Error::InvalidPrefix { addr, len }),
+    };
+    Ok(Key::new(bits, bytes))
+}
+
+impl PolicyMaps {
+    /// Takes the maps out of a loaded object and reads back what they hold.
+    pub(super) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, Error> {
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap { map: name });
+        let ipcache = LpmTrie::try_from(take(IPCACHE)?).map_err(|e| Error::map(IPCACHE, e))?;
+        let endpoints =
+            BpfHashMap::try_from(take(ENDPOINTS)?).map_err(|e| Error::map(ENDPOINTS, e))?;
+        let policy = BpfHashMap::try_from(take(POLICY)?).map_err(|e| Error::map(POLICY, e))?;
+        let mut maps = Self {
+            ipcache,
+            endpoints,
+            policy,
+            held_ipcache: BTreeMap::new(),
+            held_endpoints: BTreeMap::new(),
+            held_policy: BTreeMap::new(),
+        };
+        maps.read_back()?;
+        Ok(maps)
+    }
+
+    fn read_back(&mut self) -> Result<(), Error> {
+        for entry in self.ipcache.iter() {
+            let (k, v) = entry.map_err(|e| Error::map(IPCACHE, e))?;
+            self.held_ipcache
+                .insert((k.prefix_len(), k.data()), v.identity);
+        }
+        for entry in self.endpoints.iter() {
+            let (k, v) = entry.map_err(|e| Error::map(ENDPOINTS, e))?;
+            self.held_endpoints.insert(k, v);
+        }
+        for entry in self.policy.iter() {
+            let (k, v) = entry.map_err(|e| Error::map(POLICY, e))?;
+            self.held_policy.insert(k, v);
+        }
+        debug!(
+            ipcache = self.held_ipcache.len(),
+            endpoints = self.held_endpoints.len(),
+            policy = self.held_policy.len(),
+            "read back pinned policy maps"
+        );
+        Ok(())
+    }
+
+    /// The endpoints as the maps hold them (with their current revisions).
+    pub fn endpoints(&self) -> &BTreeMap<u32, EndpointInfo> {
+        &self.held_endpoints
+    }
+
+    /// Number of IPCACHE and POLICY entries held.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.held_ipcache.len(), self.held_policy.len())
+    }
+
+    /// Makes the maps hold `desired`, writing only what differs, in the order described in
+    /// the module documentation. On an error (a full map) the maps are left partly updated
+    /// but with no revision bumped: flows keep their cached verdicts, and the next call
+    /// writes what is still missing.
+    pub fn apply(&mut self, desired: &PolicyContent) -> Result<PolicyApplyStats, Error> {
+        let mut stats = PolicyApplyStats::default();
+
+        // IPCACHE.
+        let mut want_ipcache = BTreeMap::new();
+        for (prefix, identity) in &desired.ipcache {
+            let key = ipcache_key(*prefix)?;
+            want_ipcache.insert((key.prefix_len(), key.data()), *identity);
+        }
+        for (&(len, data), &identity) in &want_ipcache {
+            if self.held_ipcache.get(&(len, data)) == Some(&identity) {
+                continue;
+            }
+            let value = IpcacheValue { identity, _pad: 0 };
+            self.ipcache
+                .insert(&Key::new(len, data), value, 0)
+                .map_err(|e| full_or(IPCACHE, e, || format!("identity {identity}")))?;
+            self.held_ipcache.insert((len, data), identity);
+            stats.ipcache_writes += 1;
+        }
+        let stale: Vec<_> = self
+            .held_ipcache
+            .keys()
+            .filter(|k| !want_ipcache.contains_key(k))
+            .copied()
+            .collect();
+        for (len, data) in stale {
+            remove_ok(self.ipcache.remove(&Key::new(len, data)), IPCACHE)?;
+            self.held_ipcache.remove(&(len, data));
+            stats.ipcache_deletes += 1;
+        }
+        let ipcache_changed = stats.ipcache_writes + stats.ipcache_deletes > 0;
+
+        // POLICY: note which endpoints' entries change.
+        let mut touched: BTreeSet<u32> = BTreeSet::new();
+        for (key, value) in &desired.policy {
+            if self.held_policy.get(key) == Some(value) {
+                continue;
+            }
+            self.policy
+                .insert(key, value, 0)
+                .map_err(|e| full_or(POLICY, e, || format!("endpoint {}", key.endpoint_id)))?;
+            self.held_policy.insert(*key, *value);
+            touched.insert(key.endpoint_id);
+            stats.policy_writes += 1;
+        }
+        let stale: Vec<PolicyKey> = self
+            .held_policy
+            .keys()
+            .filter(|k| !desired.policy.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            remove_ok(self.policy.remove(&key), POLICY)?;
+            self.held_policy.remove(&key);
+            touched.insert(key.endpoint_id);
+            stats.policy_deletes += 1;
+        }
+
+        // ENDPOINTS, bumping revisions.
+        for (&ifindex, info) in &desired.endpoints {
+            let held = self.held_endpoints.get(&ifindex);
+            let same_info = held.is_some_and(|h| {
+                h.endpoint_id == info.endpoint_id
+                    && h.identity == info.identity
+                    && h.flags == info.flags
+            });
+            let bump = !same_info || ipcache_changed || touched.contains(&info.endpoint_id);
+            if !bump {
+                continue;
+            }
+            let revision = held.map_or(1, |h| h.policy_revision.wrapping_add(1).max(1));
+            let value = EndpointInfo {
+                policy_revision: revision,
+                ..*info
+            };
+            self.endpoints
+                .insert(ifindex, value, 0)
+                .map_err(|e| full_or(ENDPOINTS, e, || format!("ifindex {ifindex}")))?;
+            if held.is_some() {
+                stats.revisions_bumped += 1;
+            }
+            self.held_endpoints.insert(ifindex, value);
+            stats.endpoint_writes += 1;
+        }
+        let stale: Vec<u32> = self
+            .held_endpoints
+            .keys()
+            .filter(|k| !desired.endpoints.contains_key(k))
+            .copied()
+            .collect();
+        for ifindex in stale {
+            remove_ok(self.endpoints.remove(&ifindex), ENDPOINTS)?;
+            self.held_endpoints.remove(&ifindex);
+            stats.endpoint_deletes += 1;
+        }
+        Ok(stats)
+    }
+}
+
+fn remove_ok(r: Result<(), MapError>, map: &'static str) -> Result<(), Error> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(Error::map(map, e)),
+    }
+}
+
+fn full_or(map: &'static str, e: MapError, what: impl FnOnce() -> String) -> Error {
+    let full = matches!(&e, MapError::SyscallError(s)
+        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)));
+    if full {
+        Error::MapFull { map, what: what() }
+    } else {
+        Error::map(map, e)
+    }
+}

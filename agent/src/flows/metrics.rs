@@ -1,0 +1,737 @@
+//! Flow metrics under the names existing dashboards query: Istio's TCP metrics and
+//! Hubble's flow and drop counters, plus the flow pipeline's own `mycel_flow_*`.
+//!
+//! Labels are workload names, namespaces, principals, verdicts, reasons and protocols —
+//! never addresses, ports or connections — so the number of series is bounded by the
+//! number of workloads.
+//!
+//! The kernel reports cumulative counters per flow; the byte counters here grow by the
+//! difference to the previous report of the same flow, kept in a bounded [`Tracker`].
+//! Reports are flow events and, for connections that stay open, periodic reads of the
+//! kernel's flow table ([`Metrics::record_table_entry`]).
+
+use std::collections::{BTreeMap, HashMap};
+
+use mycel_common::{
+    flow::{FLOW_EVENT_CLOSED, FLOW_EVENT_DROP, FLOW_EVENT_NEW, FlowEvent, FlowKey, FlowValue},
+    policy::DIR_INGRESS,
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use super::record::{Endpoint, Flow, Verdict, verdict_of};
+
+/// Istio's label set for TCP metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IstioTcpLabels {
+    /// `destination` when the reporting endpoint is the flow's destination, else `source`.
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    /// Service resolution needs the original destination, which L4 flows do not carry.
+    pub destination_service: &'static str,
+    pub destination_service_name: &'static str,
+    pub destination_service_namespace: &'static str,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    /// The kernel path carries no TLS.
+    pub connection_security_policy: &'static str,
+}
+
+const UNKNOWN: &str = "unknown";
+
+fn or_unknown(v: Option<&String>) -> String {
+    v.cloned().unwrap_or_else(|| UNKNOWN.to_string())
+}
+
+impl IstioTcpLabels {
+    fn new(flow: &Flow, reporter: &'static str) -> Self {
+        let ns = |e: &Endpoint| or_unknown(e.namespace.as_ref());
+        Self {
+            reporter,
+            source_workload: flow.source.workload.clone(),
+            source_workload_namespace: ns(&flow.source),
+            source_principal: or_unknown(flow.source.principal.as_ref()),
+            source_app: or_unknown(flow.source.app.as_ref()),
+            destination_workload: flow.destination.workload.clone(),
+            destination_workload_namespace: ns(&flow.destination),
+            destination_principal: or_unknown(flow.destination.principal.as_ref()),
+            destination_app: or_unknown(flow.destination.app.as_ref()),
+            destination_service: UNKNOWN,
+            destination_service_name: UNKNOWN,
+            destination_service_namespace: UNKNOWN,
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: "none",
+        }
+    }
+}
+
+/// `hubble_flows_processed_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HubbleFlowLabels {
+    /// Always `L3_L4` for kernel flows.
+    pub r#type: &'static str,
+    /// `to-endpoint` (ingress) or `from-endpoint` (egress).
+    pub subtype: &'static str,
+    /// `FORWARDED` or `DROPPED`.
+    pub verdict: &'static str,
+}
+
+/// `hubble_drop_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HubbleDropLabels {
+    pub reason: String,
+    pub protocol: String,
+}
+
+/// `mycel_flow_log_dropped_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LogDropLabels {
+    /// `queue_full` (the writer fell behind) or `write_error`.
+    pub reason: &'static str,
+}
+
+/// Metrics of the flow pipeline.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// `istio_tcp_sent_bytes_total`: bytes the destination sent (responses).
+    pub tcp_sent_bytes: Family<IstioTcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total`: bytes the destination received (requests).
+    pub tcp_received_bytes: Family<IstioTcpLabels, Counter>,
+    /// `istio_tcp_connections_opened_total`.
+    pub tcp_connections_opened: Family<IstioTcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub tcp_connections_closed: Family<IstioTcpLabels, Counter>,
+    /// `hubble_flows_processed_total{type,subtype,verdict}`: flow events processed.
+    pub flows_processed: Family<HubbleFlowLabels, Counter>,
+    /// `hubble_drop_total{reason,protocol}`.
+    pub drops: Family<HubbleDropLabels, Counter>,
+    /// `mycel_flow_log_dropped_total{reason}`: flow records the log file did not get.
+    pub log_dropped: Family<LogDropLabels, Counter>,
+    /// `mycel_flow_tracked`: flows whose last counters are remembered for deltas.
+    pub tracked: Gauge,
+    /// `mycel_flow_tracker_evictions_total`: flows forgotten because the tracker was full
+    /// (their next event counts its bytes from zero again).
+    pub tracker_evictions: Counter,
+}
+
+impl Metrics {
+    /// Registers every flow metric in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            tcp_sent_bytes: Family::default(),
+            tcp_received_bytes: Family::default(),
+            tcp_connections_opened: Family::default(),
+            tcp_connections_closed: Family::default(),
+            flows_processed: Family::default(),
+            drops: Family::default(),
+            log_dropped: Family::default(),
+            tracked: Gauge::default(),
+            tracker_evictions: Counter::default(),
+        };
+        // Present from the start, at zero, so alerts on their rate see them.
+        for reason in ["queue_full", "write_error"] {
+            drop(m.log_dropped.get_or_create(&LogDropLabels { reason }));
+        }
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent by the destination of TCP connections",
+            m.tcp_sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received by the destination of TCP connections",
+            m.tcp_received_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.tcp_connections_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.tcp_connections_closed.clone(),
+        );
+        registry.register(
+            "hubble_flows_processed",
+            "Flow events processed",
+            m.flows_processed.clone(),
+        );
+        registry.register("hubble_drop", "Packets dropped", m.drops.clone());
+        let r = registry.sub_registry_with_prefix("mycel");
+        r.register(
+            "flow_log_dropped",
+            "Flow records not written to the flow log file",
+            m.log_dropped.clone(),
+        );
+        r.register(
+            "flow_tracked",
+            "Flows whose counters the agent remembers to compute byte deltas",
+            m.tracked.clone(),
+        );
+        r.register(
+            "flow_tracker_evictions",
+            "Flows forgotten because the flow tracker was full",
+            m.tracker_evictions.clone(),
+        );
+        m
+    }
+
+    /// Counts one event (already resolved to `flow`), using `tracker` for byte deltas.
+    pub fn record(&self, ev: &FlowEvent, flow: &Flow, tracker: &mut Tracker) {
+        let ingress = ev.key.direction == DIR_INGRESS;
+        self.flows_processed
+            .get_or_create(&HubbleFlowLabels {
+                r#type: "L3_L4",
+                subtype: if ingress {
+                    "to-endpoint"
+                } else {
+                    "from-endpoint"
+                },
+                verdict: flow.verdict.as_str(),
+            })
+            .inc();
+        if flow.verdict == Verdict::Dropped {
+            self.drops
+                .get_or_create(&HubbleDropLabels {
+                    reason: flow
+                        .drop_reason
+                        .as_deref()
+                        .unwrap_or("POLICY_DENIED")
+                        .to_string(),
+                    protocol: flow.protocol.to_string(),
+                })
+                .inc();
+        }
+
+        // Istio's TCP metrics cover TCP connections that went through.
+        if ev.key.proto != 6 {
+            return;
+        }
+        let id = ev.key;
+        let labels = || IstioTcpLabels::new(flow, reporter(&ev.key));
+        if flow.verdict == Verdict::Dropped || ev.kind == FLOW_EVENT_DROP {
+            // A connection cut by a policy change ends here.
+            if tracker.remove(&id).is_some_and(|t| t.opened) {
+                self.tcp_connections_closed.get_or_create(&labels()).inc();
+            }
+            self.tracked.set(tracker.len() as i64);
+            return;
+        }
+        let (fwd, rev, opened_before) = tracker.update(&id, &ev.value);
+        let labels = labels();
+        self.add_bytes(&labels, fwd, rev);
+        if ev.kind == FLOW_EVENT_NEW && !opened_before {
+            self.tcp_connections_opened.get_or_create(&labels).inc();
+            tracker.mark_opened(&id);
+        }
+        if ev.kind == FLOW_EVENT_CLOSED {
+            self.tcp_connections_closed.get_or_create(&labels).inc();
+            tracker.remove(&id);
+        }
+        self.tracker_gauges(tracker);
+    }
+
+    /// Counts the bytes an open TCP connection moved since its last report, from an entry
+    /// of the kernel's flow table (`resolve` names it, called only when it moved bytes).
+    /// Closed and denied flows are left to their events. With `count` false the entry
+    /// only sets the baseline: the agent's first read after a restart must not count again
+    /// what the previous process already did.
+    pub fn record_table_entry(
+        &self,
+        ev: &FlowEvent,
+        resolve: impl FnOnce() -> Flow,
+        tracker: &mut Tracker,
+        count: bool,
+    ) {
+        if ev.key.proto != 6 || ev.value.closed != 0 || verdict_of(ev) == Verdict::Dropped {
+            return;
+        }
+        let (fwd, rev, _) = tracker.update(&ev.key, &ev.value);
+        if count && (fwd > 0 || rev > 0) {
+            self.add_bytes(
+                &IstioTcpLabels::new(&resolve(), reporter(&ev.key)),
+                fwd,
+                rev,
+            );
+        }
+        self.tracker_gauges(tracker);
+    }
+
+    fn add_bytes(&self, labels: &IstioTcpLabels, fwd: u64, rev: u64) {
+        if fwd > 0 {
+            self.tcp_received_bytes.get_or_create(labels).inc_by(fwd);
+        }
+        if rev > 0 {
+            self.tcp_sent_bytes.get_or_create(labels).inc_by(rev);
+        }
+    }
+
+    fn tracker_gauges(&self, tracker: &mut Tracker) {
+        let evicted = tracker.take_evicted();
+        if evicted > 0 {
+            self.tracker_evictions.inc_by(evicted);
+        }
+        self.tracked.set(tracker.len() as i64);
+    }
+}
+
+/// Istio's `reporter`: the flow's destination is the endpoint that reported it when the
+/// peer initiated.
+fn reporter(key: &FlowKey) -> &'static str {
+    if key.direction == DIR_INGRESS {
+        "destination"
+    } else {
+        "source"
+    }
+}
+
+/// A flow as the kernel keys it: its key includes the direction seen from the endpoint,
+/// so a connection between two workloads of this node is two flows, one per endpoint,
+/// each with its own counters.
+pub type FlowId = FlowKey;
+
+/// What the tracker remembers of a flow.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Seen {
+    pub bytes_fwd: u64,
+    pub bytes_rev: u64,
+    /// The flow's first packet: a different value under the same key is a new connection
+    /// on the same addresses and ports.
+    pub first_ns: u64,
+    /// A `new` event was counted in `istio_tcp_connections_opened_total`.
+    pub opened: bool,
+    stamp: u64,
+}
+
+/// Last counters per flow, bounded: when full, the flow seen least recently is forgotten.
+#[derive(Debug)]
+pub struct Tracker {
+    flows: HashMap<FlowId, Seen>,
+    by_age: BTreeMap<u64, FlowId>,
+    next: u64,
+    capacity: usize,
+    evicted: u64,
+}
+
+impl Tracker {
+    /// A tracker holding at most `capacity` flows (at least one).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            flows: HashMap::new(),
+            by_age: BTreeMap::new(),
+            next: 0,
+            capacity: capacity.max(1),
+            evicted: 0,
+        }
+    }
+
+    /// Flows remembered.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Whether no flow is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Records the cumulative counters of `id` and returns the growth since the last report
+    /// (`(forward, reverse, opened)`). A report older than one already seen (lower counters
+    /// for the same connection: an event that was queued while the table was read) adds
+    /// nothing; a new connection under the same key (another `first_ns`) starts from zero.
+    pub fn update(&mut self, id: &FlowId, v: &FlowValue) -> (u64, u64, bool) {
+        let (bytes_fwd, bytes_rev) = (v.bytes_fwd, v.bytes_rev);
+        let stamp = self.next;
+        self.next += 1;
+        let prev = match self.flows.get_mut(id) {
+            Some(seen) => {
+                self.by_age.remove(&seen.stamp);
+                let prev = if seen.first_ns == v.first_ns {
+                    *seen
+                } else {
+                    Seen::default()
+                };
+                seen.bytes_fwd = bytes_fwd.max(prev.bytes_fwd);
+                seen.bytes_rev = bytes_rev.max(prev.bytes_rev);
+                seen.first_ns = v.first_ns;
+                seen.opened = prev.opened;
+                seen.stamp = stamp;
+                prev
+            }
+            None => {
+                while self.flows.len() >= self.capacity {
+                    let Some((_, oldest)) = self.by_age.pop_first() else {
+                        break;
+                    };
+                    self.flows.remove(&oldest);
+                    self.evicted += 1;
+                }
+                self.flows.insert(
+                    *id,
+                    Seen {
+                        bytes_fwd,
+                        bytes_rev,
+                        first_ns: v.first_ns,
+                        opened: false,
+                        stamp,
+                    },
+                );
+                Seen::default()
+            }
+        };
+        self.by_age.insert(stamp, *id);
+        (
+            bytes_fwd.saturating_sub(prev.bytes_fwd),
+            bytes_rev.saturating_sub(prev.bytes_rev),
+            prev.opened,
+        )
+    }
+
+    fn mark_opened(&mut self, id: &FlowId) {
+        if let Some(seen) = self.flows.get_mut(id) {
+            seen.opened = true;
+        }
+    }
+
+    /// Forgets `id` (the flow closed).
+    pub fn remove(&mut self, id: &FlowId) -> Option<Seen> {
+        let seen = self.flows.remove(id)?;
+        self.by_age.remove(&seen.stamp);
+        Some(seen)
+    }
+
+    /// Evictions since the last call.
+    pub fn take_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.evicted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use mycel_common::{
+        flow::{FLOW_EVENT_CLOSED, FLOW_EVENT_DROP, FLOW_EVENT_NEW},
+        policy::{DIR_EGRESS, DROP_REASON_POLICY_DENY},
+    };
+
+    use super::*;
+    use crate::flows::record::tests::{directory, event};
+
+    fn text(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    /// The value of the one series of `name` whose labels contain every `needle`.
+    fn value(text: &str, name: &str, needles: &[&str]) -> Option<f64> {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .collect();
+        assert!(lines.len() <= 1, "several series match: {lines:?}");
+        lines
+            .first()
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v.parse().unwrap())
+    }
+
+    fn series(text: &str, name: &str) -> usize {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .count()
+    }
+
+    struct Harness {
+        registry: Registry,
+        metrics: Metrics,
+        tracker: Tracker,
+        dir: crate::flows::directory::Directory,
+    }
+
+    impl Harness {
+        fn new(capacity: usize) -> Self {
+            let mut registry = Registry::default();
+            let metrics = Metrics::new(&mut registry);
+            Self {
+                registry,
+                metrics,
+                tracker: Tracker::new(capacity),
+                dir: directory(),
+            }
+        }
+
+        fn feed(&mut self, ev: &FlowEvent) {
+            let flow = Flow::from_event(ev, &self.dir, SystemTime::now());
+            self.metrics.record(ev, &flow, &mut self.tracker);
+        }
+
+        fn text(&self) -> String {
+            text(&self.registry)
+        }
+    }
+
+    #[test]
+    fn istio_series_carry_workload_labels_and_delta_bytes() {
+        let mut h = Harness::new(16);
+        let mut ev = event(FLOW_EVENT_NEW, "10.0.0.1:40000", "10.0.0.2:8080", 6);
+        ev.value.bytes_fwd = 100;
+        h.feed(&ev);
+        // A duplicate `new` (e.g. a retransmitted SYN) opens nothing more.
+        h.feed(&ev);
+        ev.kind = FLOW_EVENT_CLOSED;
+        ev.value.bytes_fwd = 1_100;
+        ev.value.bytes_rev = 5_000;
+        h.feed(&ev);
+        let t = h.text();
+        let want = [
+            "reporter=\"destination\"",
+            "source_workload=\"a\"",
+            "source_workload_namespace=\"shop\"",
+            "source_principal=\"spiffe://cluster.local/ns/shop/sa/a\"",
+            "source_app=\"a\"",
+            "destination_workload=\"b\"",
+            "destination_workload_namespace=\"shop\"",
+            "destination_service=\"unknown\"",
+            "request_protocol=\"tcp\"",
+            "response_flags=\"-\"",
+            "connection_security_policy=\"none\"",
+        ];
+        assert_eq!(
+            value(&t, "istio_tcp_received_bytes_total", &want),
+            Some(1_100.0),
+            "{t}"
+        );
+        assert_eq!(
+            value(&t, "istio_tcp_sent_bytes_total", &want),
+            Some(5_000.0)
+        );
+        assert_eq!(
+            value(&t, "istio_tcp_connections_opened_total", &want),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "istio_tcp_connections_closed_total", &want),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "hubble_flows_processed_total",
+                &[
+                    "type=\"L3_L4\"",
+                    "subtype=\"to-endpoint\"",
+                    "verdict=\"FORWARDED\""
+                ]
+            ),
+            Some(3.0)
+        );
+        assert!(h.tracker.is_empty(), "a closed flow is forgotten");
+        assert!(t.lines().any(|l| l == "mycel_flow_tracked 0"), "{t}");
+    }
+
+    #[test]
+    fn egress_reports_as_source() {
+        let mut h = Harness::new(16);
+        let mut ev = event(FLOW_EVENT_NEW, "10.0.0.1:40000", "192.0.2.1:443", 6);
+        ev.key.direction = DIR_EGRESS;
+        ev.direction = DIR_EGRESS;
+        ev.value.dst_identity = 2;
+        h.feed(&ev);
+        let t = h.text();
+        assert_eq!(
+            value(
+                &t,
+                "istio_tcp_connections_opened_total",
+                &[
+                    "reporter=\"source\"",
+                    "destination_workload=\"world\"",
+                    "destination_workload_namespace=\"unknown\"",
+                    "destination_principal=\"unknown\""
+                ]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "hubble_flows_processed_total",
+                &["subtype=\"from-endpoint\""]
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn drops_count_by_hubble_reason_and_protocol() {
+        let mut h = Harness::new(16);
+        h.feed(&event(FLOW_EVENT_DROP, "10.0.0.2:1234", "10.0.0.1:9090", 6));
+        h.feed(&event(FLOW_EVENT_DROP, "10.0.0.2:1235", "10.0.0.1:9090", 6));
+        let mut ev = event(FLOW_EVENT_DROP, "10.0.0.2:53", "10.0.0.1:53", 17);
+        ev.value.drop_reason = DROP_REASON_POLICY_DENY;
+        h.feed(&ev);
+        h.feed(&event(FLOW_EVENT_DROP, "10.0.0.2:0", "10.0.0.1:0", 1));
+        let t = h.text();
+        assert_eq!(
+            value(
+                &t,
+                "hubble_drop_total",
+                &["reason=\"POLICY_DENIED\"", "protocol=\"TCP\""]
+            ),
+            Some(2.0),
+            "{t}"
+        );
+        assert_eq!(
+            value(
+                &t,
+                "hubble_drop_total",
+                &["reason=\"POLICY_DENY\"", "protocol=\"UDP\""]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "hubble_drop_total", &["protocol=\"ICMPv4\""]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "hubble_flows_processed_total", &["verdict=\"DROPPED\""]),
+            Some(4.0)
+        );
+        assert_eq!(series(&t, "istio_tcp_connections_opened_total"), 0);
+    }
+
+    #[test]
+    fn a_flow_cut_by_policy_counts_as_closed() {
+        let mut h = Harness::new(16);
+        let ev = event(FLOW_EVENT_NEW, "10.0.0.1:40000", "10.0.0.2:8080", 6);
+        h.feed(&ev);
+        let mut cut = ev;
+        cut.kind = FLOW_EVENT_DROP;
+        cut.value.verdict = mycel_common::policy::VERDICT_DENY;
+        h.feed(&cut);
+        let t = h.text();
+        assert_eq!(
+            value(&t, "istio_tcp_connections_closed_total", &[]),
+            Some(1.0)
+        );
+        assert!(h.tracker.is_empty());
+    }
+
+    #[test]
+    fn thousand_ports_between_two_workloads_make_one_series() {
+        let mut h = Harness::new(4_096);
+        for port in 0..1_000u16 {
+            let mut ev = event(
+                FLOW_EVENT_NEW,
+                &format!("10.0.0.1:{}", 30_000 + port),
+                &format!("10.0.0.2:{}", 1_000 + port),
+                6,
+            );
+            ev.value.bytes_fwd = 10;
+            h.feed(&ev);
+            ev.kind = FLOW_EVENT_CLOSED;
+            ev.value.bytes_fwd = 30;
+            h.feed(&ev);
+        }
+        let t = h.text();
+        for name in [
+            "istio_tcp_received_bytes_total",
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+            "hubble_flows_processed_total",
+        ] {
+            assert_eq!(series(&t, name), 1, "{name} in\n{t}");
+        }
+        assert_eq!(
+            value(&t, "istio_tcp_received_bytes_total", &[]),
+            Some(30_000.0)
+        );
+        assert_eq!(
+            value(&t, "istio_tcp_connections_opened_total", &[]),
+            Some(1_000.0)
+        );
+    }
+
+    #[test]
+    fn deltas_stay_monotonic_across_reorders_restarts_and_evictions() {
+        let mut t = Tracker::new(2);
+        let ev = event(FLOW_EVENT_NEW, "10.0.0.1:1", "10.0.0.2:2", 6);
+        let key = ev.key;
+        let mut at_b = key;
+        at_b.direction = DIR_EGRESS;
+        let other = event(FLOW_EVENT_NEW, "10.0.0.1:3", "10.0.0.2:4", 6).key;
+        let third = event(FLOW_EVENT_NEW, "10.0.0.1:5", "10.0.0.2:6", 6).key;
+        let v = |first_ns, fwd, rev| FlowValue {
+            first_ns,
+            bytes_fwd: fwd,
+            bytes_rev: rev,
+            ..ev.value
+        };
+        assert_eq!(t.update(&key, &v(1, 10, 0)), (10, 0, false));
+        assert_eq!(t.update(&key, &v(1, 25, 7)), (15, 7, false));
+        // An older report of the same connection arriving late adds nothing.
+        assert_eq!(t.update(&key, &v(1, 20, 7)), (0, 0, false));
+        assert_eq!(t.update(&key, &v(1, 26, 7)), (1, 0, false));
+        // The same connection seen from the other endpoint: its own counters.
+        assert_eq!(t.update(&at_b, &v(1, 25, 7)), (25, 7, false));
+        // A new connection on the same key: counters restart.
+        assert_eq!(t.update(&key, &v(2, 4, 0)), (4, 0, false));
+        assert_eq!(t.take_evicted(), 0);
+        // Full: the least recently seen flow (at_b) goes.
+        t.update(&other, &v(1, 1, 1));
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.take_evicted(), 1);
+        assert!(t.remove(&at_b).is_none());
+        t.update(&third, &v(1, 1, 1));
+        assert_eq!(t.take_evicted(), 1);
+        assert!(t.remove(&key).is_none(), "key was the oldest");
+    }
+
+    #[test]
+    fn table_reads_count_open_connections_without_double_counting() {
+        let mut h = Harness::new(16);
+        let mut ev = event(FLOW_EVENT_NEW, "10.0.0.1:40000", "10.0.0.2:8080", 6);
+        let received = |h: &Harness| value(&h.text(), "istio_tcp_received_bytes_total", &[]);
+        // The table read sees the connection before its `new` event is processed.
+        let mut entry = ev;
+        entry.value.bytes_fwd = 1_000;
+        let flow = Flow::from_event(&entry, &h.dir, SystemTime::now());
+        h.metrics
+            .record_table_entry(&entry, || flow.clone(), &mut h.tracker, true);
+        assert_eq!(received(&h), Some(1_000.0));
+        h.feed(&ev);
+        assert_eq!(received(&h), Some(1_000.0), "the late event adds nothing");
+        assert_eq!(
+            value(&h.text(), "istio_tcp_connections_opened_total", &[]),
+            Some(1.0)
+        );
+        entry.value.bytes_fwd = 3_000;
+        h.metrics
+            .record_table_entry(&entry, || flow.clone(), &mut h.tracker, true);
+        assert_eq!(received(&h), Some(3_000.0));
+        ev.kind = FLOW_EVENT_CLOSED;
+        ev.value.bytes_fwd = 3_500;
+        ev.value.closed = 1;
+        h.feed(&ev);
+        assert_eq!(received(&h), Some(3_500.0));
+        // Closed entries left in the table are not counted again.
+        h.metrics
+            .record_table_entry(&ev, || flow.clone(), &mut h.tracker, true);
+        assert_eq!(received(&h), Some(3_500.0));
+        assert!(h.tracker.is_empty());
+    }
+}
