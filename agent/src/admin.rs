@@ -45,6 +45,10 @@ pub struct Status {
     pub programs: Vec<ProgramStatus>,
     /// Kernel features probed at start-up and what is degraded without them.
     pub kernel_features: Vec<KernelFeature>,
+    /// Local workloads' interfaces with the policy and flow programs, as `name (mode)`.
+    pub tc_attachments: Vec<String>,
+    /// AuthorizationPolicies in force.
+    pub policies: usize,
     /// Service frontends and backend slots programmed.
     pub services: usize,
     pub backends: usize,

@@ -25,8 +25,9 @@ use crate::{
     state::{EndpointPolicy, ObjectRef, State, Update},
 };
 
-/// How often what failed for want of an interface is tried again.
-const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often what failed for want of an interface is tried again, and counters of
+/// background tasks are brought into the metrics.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Flow events queued between the ring buffer reader and the flow pipeline.
 const FLOW_EVENT_QUEUE: usize = 8_192;
@@ -80,7 +81,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(ring) => ring,
         None => datapath::flow_events_from_pin(&cfg.bpffs)?,
     };
-    let (_flow_reader, flow_events) =
+    let (flow_reader, flow_events) =
         datapath::spawn_flow_reader(ring, FLOW_EVENT_QUEUE).context("reading flow events")?;
     let pin_dir = cfg.bpffs.clone();
     tokio::spawn(
@@ -111,11 +112,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         last_error: None,
         directory,
         tc_pending: BTreeSet::new(),
+        flow_reader,
+        flow_events_dropped: 0,
     };
     agent.publish();
 
-    let mut retry = tokio::time::interval(RETRY_INTERVAL);
-    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
@@ -129,7 +132,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     break;
                 }
             },
-            _ = retry.tick() => agent.retry(),
+            _ = housekeeping.tick() => agent.housekeeping(),
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
         }
@@ -167,6 +170,10 @@ struct Agent {
     directory: Arc<Directory>,
     /// Local workloads whose interface could not be attached yet.
     tc_pending: BTreeSet<ObjectRef>,
+    /// Reads the kernel's flow events; stops when dropped.
+    flow_reader: datapath::FlowReader,
+    /// `flow_reader.dropped()` already counted in the metrics.
+    flow_events_dropped: u64,
 }
 
 /// ifindexes with pinned TC links under the agent's bpffs directory (an earlier agent's
@@ -372,11 +379,18 @@ impl Agent {
         self.directory.set_policies(names);
     }
 
-    /// Retries what failed for want of an interface.
-    fn retry(&mut self) {
+    /// Retries what failed for want of an interface; counts what background tasks lost.
+    fn housekeeping(&mut self) {
         if !self.tc_pending.is_empty() {
             tokio::task::block_in_place(|| self.sync_policy(false));
             self.publish();
+        }
+        let dropped = self.flow_reader.dropped();
+        if dropped > self.flow_events_dropped {
+            self.metrics
+                .flow_events_dropped
+                .inc_by(dropped - self.flow_events_dropped);
+            self.flow_events_dropped = dropped;
         }
     }
 
@@ -426,6 +440,18 @@ impl Agent {
         if let Ok(mut s) = self.shared.status.write() {
             s.programs = self.datapath.programs();
             s.kernel_features = self.datapath.kernel_features().to_vec();
+            s.tc_attachments = self
+                .datapath
+                .tc_attachments()
+                .map(|a| {
+                    let mode = match a.mode {
+                        datapath::TcMode::Tcx => "tcx",
+                        datapath::TcMode::Clsact => "clsact",
+                    };
+                    format!("{} ({mode})", a.interface)
+                })
+                .collect();
+            s.policies = self.state.policy().policies_loaded();
             s.services = services;
             s.backends = backends;
             s.taken_over = self.taken_over;

@@ -319,6 +319,17 @@ pub async fn status(args: &ClientArgs) -> anyhow::Result<()> {
     }
     let _ = writeln!(
         out,
+        "policy:   {} AuthorizationPolicies; programs on {} workload interfaces{}",
+        s.policies,
+        s.tc_attachments.len(),
+        if s.tc_attachments.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", s.tc_attachments.join(", "))
+        }
+    );
+    let _ = writeln!(
+        out,
         "services: {} frontends, {} backends programmed",
         s.services, s.backends
     );

@@ -101,6 +101,10 @@ pub struct Args {
     /// Backend slots across all services the kernel map holds; used when the map is created.
     #[arg(long, env = "MYCEL_MAX_BACKENDS", default_value_t = MapSizes::default().backends.to_string())]
     pub max_backends: String,
+    /// Flows the kernel counts at once (an LRU: the least recently seen make room); used
+    /// when the map is created.
+    #[arg(long, env = "MYCEL_MAX_FLOWS", default_value_t = MapSizes::default().flows.to_string())]
+    pub max_flows: String,
     /// Recent flows kept in memory for `mycel flows` and /debug/flows.
     #[arg(long, env = "MYCEL_FLOW_BUFFER", default_value_t = flows::DEFAULT_BUFFER.to_string())]
     pub flow_buffer: String,
@@ -175,6 +179,7 @@ impl Config {
             map_sizes: MapSizes {
                 services: count("--max-services", &args.max_services, 1, MAX_SERVICES)?,
                 backends: count("--max-backends", &args.max_backends, 1, 1 << 24)?,
+                flows: count("--max-flows", &args.max_flows, 16, 1 << 24)?,
                 ..MapSizes::default()
             },
             flows: flow_config(args)?,
@@ -216,6 +221,8 @@ fn flow_config(args: &Args) -> Result<flows::Config, Error> {
     Ok(flows::Config {
         buffer: count("--flow-buffer", &args.flow_buffer, 1, MAX_FLOW_BUFFER)? as usize,
         log,
+        // Byte deltas are tracked for as many flows as the kernel counts.
+        tracked: count("--max-flows", &args.max_flows, 16, 1 << 24)? as usize,
         ..flows::Config::default()
     })
 }
@@ -275,6 +282,7 @@ mod tests {
             detach_on_exit: false,
             max_services: "65536".into(),
             max_backends: "1000".into(),
+            max_flows: "65536".into(),
             flow_buffer: "4096".into(),
             flow_log: None,
             flow_log_max_bytes: flows::log::DEFAULT_MAX_BYTES.to_string(),
@@ -376,6 +384,12 @@ mod tests {
         assert_eq!(
             Config::from_args(&a, MOUNTS).unwrap_err().setting,
             "--max-services"
+        );
+        let mut a = args();
+        a.max_flows = "0".into();
+        assert_eq!(
+            Config::from_args(&a, MOUNTS).unwrap_err().setting,
+            "--max-flows"
         );
         let mut a = args();
         a.max_backends = "lots".into();

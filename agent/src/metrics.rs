@@ -53,6 +53,10 @@ pub struct Metrics {
     pub policy_endpoints: Gauge,
     /// `mycel_ipcache_entries`: addresses and CIDRs with a known identity.
     pub ipcache_entries: Gauge,
+    /// `mycel_flow_events_dropped_total`: flow events read from the kernel that the agent's
+    /// pipeline could not take in time (the kernel's own losses are
+    /// `mycel_datapath_events_total{event="flow_events_lost"}`).
+    pub flow_events_dropped: Counter,
 }
 
 impl Metrics {
@@ -70,6 +74,7 @@ impl Metrics {
             policy_entries: Gauge::default(),
             policy_endpoints: Gauge::default(),
             ipcache_entries: Gauge::default(),
+            flow_events_dropped: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("mycel");
         r.register(
@@ -136,6 +141,11 @@ impl Metrics {
         ] {
             r.register(name, help, gauge.clone());
         }
+        r.register(
+            "flow_events_dropped",
+            "Flow events from the kernel the agent's pipeline could not take in time",
+            m.flow_events_dropped.clone(),
+        );
         m
     }
 }
