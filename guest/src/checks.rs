@@ -138,6 +138,7 @@ fn datapath_checks() {
         .find(|f| f.feature.contains("bpf_set_retval"))
         .map(|f| f.available);
     let mut datapath = datapath;
+    tc_attach(&mut datapath);
 
     let servers = match Servers::start() {
         Ok(s) => s,
@@ -177,6 +178,42 @@ fn datapath_checks() {
     );
     no_backend(agent_set_retval);
     detach(datapath, &servers);
+}
+
+/// Attaches the policy and flow programs to the guest's veth the way the agent does for a
+/// workload — tcx where the kernel has it, netlink clsact otherwise — and detaches them.
+fn tc_attach(datapath: &mut Datapath) {
+    const CHECK: &str = "tc-attach";
+    if !Path::new("/sys/class/net/mycel0").exists() {
+        report::result(CHECK, Status::Skip, "no veth mycel0 (see the veth check)");
+        return;
+    }
+    match datapath.attach_tc("mycel0") {
+        Ok(a) => {
+            let mode = match a.mode {
+                mycel_agent::datapath::TcMode::Tcx => "tcx",
+                mycel_agent::datapath::TcMode::Clsact => "netlink clsact",
+            };
+            match datapath.detach_tc(a.ifindex) {
+                Ok(()) => report::result(
+                    CHECK,
+                    Status::Pass,
+                    &format!(
+                        "tc_from_pod and tc_to_pod attached to mycel0 with {mode}, then detached"
+                    ),
+                ),
+                Err(e) => report::result(
+                    CHECK,
+                    Status::Fail,
+                    &format!(
+                        "attached with {mode}, detaching failed: {}",
+                        report::chain(&e)
+                    ),
+                ),
+            }
+        }
+        Err(e) => report::result(CHECK, Status::Fail, &report::chain(&e)),
+    }
 }
 
 fn skip_functional(why: &str) {
