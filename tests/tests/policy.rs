@@ -54,6 +54,10 @@ impl Scene {
         SocketAddr::from((self.web.ipv4, port))
     }
 
+    fn web6(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.web.ipv6, port))
+    }
+
     fn policy(&self, file: &str, yaml: &str) {
         self.node.resources().write_raw(file, yaml);
     }
@@ -68,13 +72,16 @@ fn answered(pod: &Pod, addr: SocketAddr, n: u32) -> usize {
         .count()
 }
 
-/// Polls until `pod` → `addr` is answered (`want`) or not, for at most `within`.
+/// Polls until `pod` → `addr` is answered (`want`) or not, for at most `within`. Returns
+/// when the first attempt with that outcome started (a refused attempt itself lasts until
+/// its timeout).
 fn wait_reachability(pod: &Pod, addr: SocketAddr, want: bool, within: Duration) -> Duration {
     let start = Instant::now();
     loop {
+        let attempt = start.elapsed();
         let ok = answered(pod, addr, 1) == 1;
         if ok == want {
-            return start.elapsed();
+            return attempt;
         }
         assert!(
             start.elapsed() < within,
@@ -189,6 +196,13 @@ fn allow_policy_admits_only_the_named_principal_and_port() {
         answered(&scene.client, scene.web(OTHER_PORT), 3),
         0,
         "port {OTHER_PORT} is not allowed"
+    );
+    // The same over IPv6: identities come from the workloads' IPv6 addresses too.
+    assert_eq!(answered(&scene.client, scene.web6(OPEN), 3), 3);
+    assert_eq!(
+        answered(&scene.other, scene.web6(OPEN), 3),
+        0,
+        "other's principal is not allowed over IPv6 either"
     );
     agent.wait_for("policy drops to be counted", Duration::from_secs(5), |a| {
         metric(a, "hubble_drop_total", &[("reason", "POLICY_DENIED")]) > 0.0
