@@ -358,12 +358,12 @@ mod tests {
 
     use http_body_util::{BodyExt as _, Empty};
     use hyper_util::rt::TokioIo;
-    use mycel_common::flow::{FLOW_EVENT_DROP, FLOW_EVENT_NEW};
+    use mycel_common::flow::FLOW_EVENT_NEW;
 
     use super::*;
     use crate::flows::{
-        self, Flow, Flows,
-        record::tests::{directory, event},
+        Flow,
+        record::tests::{admin_with_two_flows, event, source_ports},
     };
 
     #[test]
@@ -434,34 +434,7 @@ mod tests {
 
     #[tokio::test]
     async fn debug_flows_lists_filters_and_follows() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut registry = Registry::default();
-        let (mut flows, handle) = Flows::new(&flows::Config::default(), &mut registry).unwrap();
-        let shared = Arc::new(Shared {
-            ready: Default::default(),
-            status: Default::default(),
-            owners: Default::default(),
-            registry,
-            kernel: Arc::new(KernelCounters::new(dir.path())),
-            pin_dir: dir.path().to_path_buf(),
-        });
-        let names = directory();
-        flows.handle(
-            &event(FLOW_EVENT_NEW, "10.0.0.1:40000", "10.0.0.2:8080", 6),
-            &names,
-        );
-        flows.handle(
-            &event(FLOW_EVENT_DROP, "10.0.0.2:40001", "10.0.0.1:9090", 6),
-            &names,
-        );
-        let (task, addr) = serve_with_flows(
-            "127.0.0.1:0".parse().unwrap(),
-            Role::Admin,
-            shared.clone(),
-            Some(handle),
-        )
-        .await
-        .unwrap();
+        let (task, addr, mut flows, names, shared, _dir) = admin_with_two_flows().await;
 
         let (status, body) = get(addr, "/debug/flows").await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -505,16 +478,7 @@ mod tests {
             );
         }
         let live = lines(&mut body, &mut buf, 2).await;
-        let ports: Vec<u16> = live
-            .iter()
-            .map(|l| {
-                serde_json::from_str::<Flow>(l)
-                    .unwrap()
-                    .source
-                    .address
-                    .port()
-            })
-            .collect();
+        let ports = source_ports(live.iter().map(String::as_str));
         assert_eq!(ports, [1, 2]);
 
         // Without the flow pipeline the endpoint says so.

@@ -562,48 +562,11 @@ mod tests {
 
     #[tokio::test]
     async fn mycel_flows_lists_and_follows_a_running_agent() {
-        use std::sync::Arc;
+        use mycel_common::flow::FLOW_EVENT_NEW;
 
-        use mycel_common::flow::{FLOW_EVENT_DROP, FLOW_EVENT_NEW};
-        use prometheus_client::registry::Registry;
+        use crate::flows::record::tests::{admin_with_two_flows, event, source_ports};
 
-        use crate::{
-            admin::{Role, Shared, serve_with_flows},
-            flows::{
-                self, Flows,
-                record::tests::{directory, event},
-            },
-            metrics::KernelCounters,
-        };
-
-        let dir = tempfile::tempdir().unwrap();
-        let mut registry = Registry::default();
-        let (mut flows, handle) = Flows::new(&flows::Config::default(), &mut registry).unwrap();
-        let shared = Arc::new(Shared {
-            ready: Default::default(),
-            status: Default::default(),
-            owners: Default::default(),
-            registry,
-            kernel: Arc::new(KernelCounters::new(dir.path())),
-            pin_dir: dir.path().to_path_buf(),
-        });
-        let names = directory();
-        flows.handle(
-            &event(FLOW_EVENT_NEW, "10.0.0.1:40000", "10.0.0.2:8080", 6),
-            &names,
-        );
-        flows.handle(
-            &event(FLOW_EVENT_DROP, "10.0.0.2:40001", "10.0.0.1:9090", 6),
-            &names,
-        );
-        let (task, addr) = serve_with_flows(
-            "127.0.0.1:0".parse().unwrap(),
-            Role::Admin,
-            shared,
-            Some(handle),
-        )
-        .await
-        .unwrap();
+        let (task, addr, mut flows, names, _shared, _dir) = admin_with_two_flows().await;
         let admin = addr.to_string();
 
         let args = flows_args(&["--admin-addr", &admin, "--verdict", "dropped"]);
@@ -657,17 +620,7 @@ mod tests {
             r = flows_to(&args, &mut out) => r.unwrap(),
             () = pusher => panic!("follow printed only {:?}", out.text),
         }
-        let ports: Vec<u16> = out
-            .text
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<Flow>(l)
-                    .unwrap()
-                    .source
-                    .address
-                    .port()
-            })
-            .collect();
+        let ports = source_ports(out.text.lines());
         assert_eq!(ports.len(), 3);
         assert_eq!(ports[0], 40000, "the backlog first");
         assert!(ports[1] < ports[2], "{ports:?}");

@@ -262,17 +262,9 @@ mod tests {
     }
 
     fn ports(path: &Path) -> Vec<u16> {
-        std::fs::read_to_string(path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<Flow>(l)
-                    .unwrap()
-                    .source
-                    .address
-                    .port()
-            })
-            .collect()
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        crate::flows::record::tests::source_ports(text.lines())
     }
 
     #[test]

@@ -379,6 +379,70 @@ pub(crate) mod tests {
         }
     }
 
+    /// Source ports of JSON flow lines (how tests tell their synthetic flows apart).
+    pub(crate) fn source_ports<'a>(lines: impl IntoIterator<Item = &'a str>) -> Vec<u16> {
+        lines
+            .into_iter()
+            .map(|l| {
+                serde_json::from_str::<Flow>(l)
+                    .unwrap()
+                    .source
+                    .address
+                    .port()
+            })
+            .collect()
+    }
+
+    /// An admin server on 127.0.0.1:0 whose flow ring holds a forwarded flow from
+    /// 10.0.0.1:40000 and a dropped one from 10.0.0.2:40001; also the pipeline, for more.
+    pub(crate) async fn admin_with_two_flows() -> (
+        tokio::task::JoinHandle<()>,
+        std::net::SocketAddr,
+        crate::flows::Flows,
+        Directory,
+        std::sync::Arc<crate::admin::Shared>,
+        tempfile::TempDir,
+    ) {
+        use std::sync::Arc;
+
+        use crate::{
+            admin::{Role, Shared, serve_with_flows},
+            flows::{self, Flows},
+            metrics::KernelCounters,
+        };
+        use mycel_common::flow::{FLOW_EVENT_DROP, FLOW_EVENT_NEW};
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let (mut flows, handle) = Flows::new(&flows::Config::default(), &mut registry).unwrap();
+        let shared = Arc::new(Shared {
+            ready: Default::default(),
+            status: Default::default(),
+            owners: Default::default(),
+            registry,
+            kernel: Arc::new(KernelCounters::new(dir.path())),
+            pin_dir: dir.path().to_path_buf(),
+        });
+        let names = directory();
+        flows.handle(
+            &event(FLOW_EVENT_NEW, "10.0.0.1:40000", "10.0.0.2:8080", 6),
+            &names,
+        );
+        flows.handle(
+            &event(FLOW_EVENT_DROP, "10.0.0.2:40001", "10.0.0.1:9090", 6),
+            &names,
+        );
+        let (task, addr) = serve_with_flows(
+            "127.0.0.1:0".parse().unwrap(),
+            Role::Admin,
+            shared.clone(),
+            Some(handle),
+        )
+        .await
+        .unwrap();
+        (task, addr, flows, names, shared, dir)
+    }
+
     pub(crate) fn directory() -> Directory {
         let d = Directory::new();
         d.set_workloads([
