@@ -276,17 +276,7 @@ fn attach_clsact(
     let (id, replaced) = match created {
         Ok(id) => (id, false),
         Err(_) => {
-            let existing = SchedClassifierLink::attached(
-                interface,
-                attach_type,
-                CLSACT_PRIORITY,
-                CLSACT_HANDLE,
-                None,
-            )
-            .map_err(|e| Error::Interface {
-                interface: interface.to_string(),
-                source: e,
-            })?;
+            let existing = clsact_filter(interface, attach_type)?;
             let id = prog
                 .attach_to_link(existing)
                 .map_err(|e| super::programs_err(name, e))?;
@@ -337,17 +327,7 @@ pub(super) fn detach(
             }
             TcMode::Clsact => {
                 let Some(interface) = interface else { continue };
-                let link = SchedClassifierLink::attached(
-                    interface,
-                    attach_type,
-                    CLSACT_PRIORITY,
-                    CLSACT_HANDLE,
-                    None,
-                )
-                .map_err(|e| Error::Interface {
-                    interface: interface.to_string(),
-                    source: e,
-                })?;
+                let link = clsact_filter(interface, attach_type)?;
                 if let Err(e) = aya::programs::Link::detach(link) {
                     debug!(interface, hook = name, "clsact filter already gone: {e}");
                 }
@@ -355,4 +335,13 @@ pub(super) fn detach(
         }
     }
     Ok(())
+}
+
+/// mycel's clsact filter on `interface`'s `attach_type` hook, as the kernel holds it.
+fn clsact_filter(interface: &str, attach_type: TcAttachType) -> Result<SchedClassifierLink, Error> {
+    SchedClassifierLink::attached(interface, attach_type, CLSACT_PRIORITY, CLSACT_HANDLE, None)
+        .map_err(|e| Error::Interface {
+            interface: interface.to_string(),
+            source: e,
+        })
 }
