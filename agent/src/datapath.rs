@@ -253,6 +253,17 @@ impl Datapath {
     /// namespace carried it, and returns the program's verdict (`u32::MAX` pass, 2 drop).
     /// For tests and diagnostics: the maps are the live ones.
     pub fn tc_test_run(&self, program: &'static str, packet: &[u8]) -> Result<u32, Error> {
+        self.tc_test_run_repeated(program, packet, 1).map(|(verdict, _)| verdict)
+    }
+
+    /// [`Datapath::tc_test_run`] `repeat` times in the kernel; also returns the kernel's
+    /// average time per run (what benchmarks report as ns per packet).
+    pub fn tc_test_run_repeated(
+        &self,
+        program: &'static str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), Error> {
         use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
         let prog: &SchedClassifier = self
             .ebpf
@@ -266,8 +277,9 @@ impl Datapath {
             .map_err(|e| programs_err(program, e))?;
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
+        opts.repeat = repeat.max(1);
         let result = prog.test_run(opts).map_err(|e| programs_err(program, e))?;
-        Ok(result.return_value)
+        Ok((result.return_value, result.duration))
     }
 
     /// Hands out the FLOW_EVENTS ring buffer (once) for [`spawn_flow_reader`].
