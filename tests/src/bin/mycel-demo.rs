@@ -2,13 +2,14 @@
 //! namespaces for a client and two `web` backends), starts the agent standalone from a
 //! directory of YAML, and shows service load balancing done in the kernel at connect()
 //! time: connections spreading over the backends, the application seeing the service
-//! address, scaling up and down, a broken file that changes nothing, and the CLI. Everything
+//! address, scaling up and down, a broken file that changes nothing, an AuthorizationPolicy
+//! that lets one client in and keeps another out with their flows, and the CLI. Everything
 //! it created is removed at the end, also when a step fails.
 
 use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 
 use mycel_tests::{
-    Agent, Node, ResourceDir, env,
+    Agent, Node, ResourceDir, WorkloadYaml, env,
     scenario::{BACKEND_PORT, Backends, WEB_PORT, WEB_VIP4, backend_addr, web_ipv4, web_vip4},
 };
 
@@ -131,10 +132,56 @@ fn demo() {
     });
     println!("   broken.yaml removed: no problem stands any more");
 
-    step(7, "`mycel status`");
+    step(
+        7,
+        "policy: only the client's identity may call web (an Istio-style AuthorizationPolicy)",
+    );
+    let intruder = node.pod("intruder");
+    let mut workloads: Vec<String> = web
+        .pods
+        .iter()
+        .filter(|p| p.name != "web-1")
+        .map(|p| WorkloadYaml::for_pod(p, "web").to_yaml())
+        .collect();
+    workloads.push(WorkloadYaml::for_pod(&client, "client").to_yaml());
+    workloads.push(WorkloadYaml::for_pod(&intruder, "intruder").to_yaml());
+    resources.write("workloads.yaml", &workloads);
+    resources.write_raw("policy.yaml", POLICY);
+    print!("{}", indent(POLICY));
+    agent.wait_for("the policy to be in force", Duration::from_secs(5), |a| {
+        a.metric_sum("mycel_policy_loaded") == 1.0 && a.metric_sum("mycel_policy_endpoints") >= 2.0
+    });
+    let allowed = client.tcp_client_with(web_vip4(), 10, &["--timeout-ms", "500"]);
+    let denied = intruder.tcp_client_with(web_vip4(), 3, &["--timeout-ms", "300"]);
+    let ok = |r: &mycel_tests::ClientReport| r.results.iter().filter(|r| r.error.is_none()).count();
+    println!("   client   → web: {} of 10 answered", ok(&allowed));
+    println!(
+        "   intruder → web: {} of 3 answered (dropped by policy in the kernel)",
+        ok(&denied)
+    );
+    assert_eq!(
+        ok(&allowed),
+        10,
+        "the client is allowed: {}",
+        allowed.summary()
+    );
+    assert_eq!(
+        ok(&denied),
+        0,
+        "the intruder is denied: {}",
+        denied.summary()
+    );
+
+    step(8, "`mycel flows`: the allowed and the denied flows");
+    agent.wait_for("the drops to be counted", Duration::from_secs(5), |a| {
+        a.metric_sum("hubble_drop_total") >= 1.0
+    });
+    print!("{}", indent(&cli(&agent, &["flows", "--limit", "6"])));
+
+    step(9, "`mycel status`");
     print!("{}", indent(&cli(&agent, &["status"])));
 
-    step(8, "cleaning up: agent, namespaces, cgroups, pinned maps");
+    step(10, "cleaning up: agent, namespaces, cgroups, pinned maps");
 }
 
 /// Waits until the agent's maps hold exactly `pods` as web's backends; returns how long.
@@ -145,6 +192,18 @@ fn wait_for_web(agent: &Agent<'_>, pods: &[&mycel_tests::Pod]) -> Duration {
         .collect();
     agent.wait_for_backends("default/web", WEB_PORT, &backends)
 }
+
+/// What step 7 applies: web may be called by the client's identity on port 8080 only.
+const POLICY: &str = "apiVersion: mycel.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-from-client, namespace: default}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [\"cluster.local/ns/default/sa/client\"]}}]
+    to: [{operation: {ports: [\"8080\"]}}]
+";
 
 fn cli(agent: &Agent<'_>, args: &[&str]) -> String {
     let (status, stdout, stderr) = agent.cli(args);
