@@ -8,10 +8,16 @@ use anyhow::{Context as _, bail, ensure};
 use crate::{cmd::Cmd, setup, workspace::Ctx};
 
 /// The benchmarks `mycel-bench` knows.
-pub const BENCHES: &[(&str, &str)] = &[(
-    "lb",
-    "socket-level load balancing: ClusterIP vs direct connections, and map programming time",
-)];
+pub const BENCHES: &[(&str, &str)] = &[
+    (
+        "lb",
+        "socket-level load balancing: ClusterIP vs direct connections, and map programming time",
+    ),
+    (
+        "datapath",
+        "TC policy and flow programs: ns per packet by number of rules, connection cost, policy propagation",
+    ),
+];
 
 /// Runs the demo; needs root.
 pub fn demo(ctx: &Ctx) -> anyhow::Result<i32> {
