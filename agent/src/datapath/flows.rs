@@ -57,6 +57,35 @@ impl Drop for FlowReader {
     }
 }
 
+/// How often the reader drains the ring buffer without being woken: the delay of flow
+/// events when the node is quiet.
+const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Moves every event in `ring` to `tx`, counting malformed records and events the
+/// consumer had no room for; false once the consumer is gone.
+fn forward(
+    ring: &mut RingBuf<MapData>,
+    tx: &mpsc::Sender<FlowEvent>,
+    dropped: &AtomicU64,
+    malformed: &AtomicU64,
+) -> bool {
+    while let Some(item) = ring.next() {
+        let Some(event) = parse(&item) else {
+            malformed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        drop(item);
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        }
+    }
+    true
+}
+
 /// Starts reading `ring` on the current tokio runtime, delivering each event to the
 /// returned channel (holding at most `capacity` events). The reader never waits for the
 /// consumer: when the channel is full, the event is counted in [`FlowReader::dropped`].
@@ -80,30 +109,31 @@ pub fn spawn_flow_reader(
     let malformed = Arc::new(AtomicU64::new(0));
     let (d, m) = (dropped.clone(), malformed.clone());
     let task = tokio::spawn(async move {
+        // The kernel wakes the reader only when the ring fills up (a wakeup per event would
+        // cost a context switch per connection); otherwise it is drained on this timer.
+        let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut guard = match fd.readable_mut().await {
-                Ok(g) => g,
-                Err(e) => {
-                    warn!("flow event reader stopped: {e}");
-                    return;
-                }
-            };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                let Some(event) = parse(&item) else {
-                    m.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                drop(item);
-                match tx.try_send(event) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        d.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                ready = fd.readable_mut() => {
+                    let mut guard = match ready {
+                        Ok(g) => g,
+                        Err(e) => {
+                            warn!("flow event reader stopped: {e}");
+                            return;
+                        }
+                    };
+                    if !forward(guard.get_inner_mut(), &tx, &d, &m) {
+                        return;
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    guard.clear_ready();
+                }
+                _ = drain.tick() => {
+                    if !forward(fd.get_mut(), &tx, &d, &m) {
+                        return;
+                    }
                 }
             }
-            guard.clear_ready();
         }
     });
     Ok((

@@ -60,6 +60,9 @@ const ENDPOINT_ENTRIES: u32 = 4_096;
 const POLICY_ENTRIES: u32 = 65_536;
 /// Size of `FLOW_EVENTS` in bytes (a power of two multiple of the page size).
 const FLOW_EVENTS_BYTES: u32 = 1 << 20;
+/// Unread bytes in `FLOW_EVENTS` past which a new event wakes the agent at once (below
+/// it, the agent's periodic drain picks events up).
+pub const FLOW_EVENTS_WAKEUP_BYTES: u64 = FLOW_EVENTS_BYTES as u64 / 4;
 
 /// Identity of every known address: longest prefix of the v4-mapped address → identity.
 /// (LPM tries are never preallocated; aya adds `BPF_F_NO_PREALLOC` itself.)

@@ -21,7 +21,10 @@
 //! `TC_ACT_SHOT`.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns, macros::classifier, maps::lpm_trie::Key as LpmKey,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::bpf_ktime_get_ns,
+    macros::classifier,
+    maps::lpm_trie::Key as LpmKey,
     programs::TcContext,
 };
 use mycel_common::{
@@ -35,7 +38,9 @@ use mycel_common::{
     stats::{STAT_FLOW_EVENTS_LOST, STAT_FLOW_UPDATE_FAILED},
 };
 
-use crate::maps::{ENDPOINTS, FLOW_EVENTS, FLOWS, IPCACHE, POLICY, count};
+use crate::maps::{
+    ENDPOINTS, FLOW_EVENTS, FLOW_EVENTS_WAKEUP_BYTES, FLOWS, IPCACHE, POLICY, count,
+};
 
 /// `TCX_NEXT` / `TC_ACT_UNSPEC`: no objection, the packet goes on.
 const PASS: i32 = -1;
@@ -387,5 +392,13 @@ fn emit(key: &FlowKey, value: &FlowValue, kind: u8, ifindex: u32) {
         (*ev)._pad = [0; 2];
         (*ev).ifindex = ifindex;
     }
-    entry.submit(0);
+    // Waking the agent for every event costs a context switch per connection on a busy
+    // node; the agent drains the ring on a short timer instead, and is woken early only
+    // when the ring fills up.
+    let flags = if FLOW_EVENTS.query(BPF_RB_AVAIL_DATA as u64) > FLOW_EVENTS_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags as u64);
 }
