@@ -253,7 +253,8 @@ impl Datapath {
     /// namespace carried it, and returns the program's verdict (`u32::MAX` pass, 2 drop).
     /// For tests and diagnostics: the maps are the live ones.
     pub fn tc_test_run(&self, program: &'static str, packet: &[u8]) -> Result<u32, Error> {
-        self.tc_test_run_repeated(program, packet, 1).map(|(verdict, _)| verdict)
+        self.tc_test_run_repeated(program, packet, 1)
+            .map(|(verdict, _)| verdict)
     }
 
     /// [`Datapath::tc_test_run`] `repeat` times in the kernel; also returns the kernel's

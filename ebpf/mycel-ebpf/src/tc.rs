@@ -11,10 +11,11 @@
 //! Policy is ingress only (as Istio's: an AuthorizationPolicy selects the destination):
 //! flows a workload initiates are allowed and accounted.
 //!
-//! Parsing: Ethernet, then IPv4 (options skipped by IHL) or IPv6 (the fixed header only:
-//! with extension headers the next-header value is taken as the protocol and the ports as
-//! 0), then TCP or UDP ports. Other protocols (ICMP, …) have ports 0; non-first IPv4
-//! fragments too. Non-IP frames (ARP) and IPv6 neighbour discovery pass untouched.
+//! Parsing: Ethernet, then IPv4 (options skipped by IHL) or IPv6 (the fixed header and a
+//! fragment header right after it; with other extension headers the next-header value is
+//! taken as the protocol and the ports as 0), then TCP or UDP ports. Other protocols
+//! (ICMP, …) have ports 0. Non-first fragments (v4 and v6), non-IP frames (ARP) and IPv6
+//! neighbour discovery pass untouched.
 //!
 //! Return codes work with both tcx and clsact: `-1` is `TCX_NEXT` and `TC_ACT_UNSPEC`
 //! (let the next program, or the default action, decide: pass), `2` is `TCX_DROP` and
@@ -52,6 +53,8 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPV6_HLEN: usize = 40;
 const PROTO_ICMPV6: u8 = 58;
+/// IPv6 fragment header (next-header value).
+const IPPROTO_FRAGMENT: u8 = 44;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -113,7 +116,6 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         _pad: [0; 2],
     };
     let l4: usize;
-    let mut has_ports = true;
     if ethertype == ETH_P_IP {
         let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
         let ihl = usize::from(vihl & 0x0f) * 4;
@@ -121,9 +123,11 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
             return None;
         }
         let frag: u16 = u16::from_be(ctx.load(ETH_HLEN + 6).ok()?);
-        // Fragment offset non-zero: no L4 header in this packet.
+        // A non-first fragment has no L4 header to judge. It passes untracked: the first
+        // fragment carries the ports and gets the verdict, and the receiving stack only
+        // reassembles datagrams whose first fragment arrived.
         if frag & 0x1fff != 0 {
-            has_ports = false;
+            return None;
         }
         tuple.proto = ctx.load(ETH_HLEN + 9).ok()?;
         tuple.saddr_be = v4_mapped(ctx.load(ETH_HLEN + 12).ok()?);
@@ -133,7 +137,18 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         tuple.proto = ctx.load(ETH_HLEN + 6).ok()?;
         tuple.saddr_be = ctx.load(ETH_HLEN + 8).ok()?;
         tuple.daddr_be = ctx.load(ETH_HLEN + 24).ok()?;
-        l4 = ETH_HLEN + IPV6_HLEN;
+        let mut at = ETH_HLEN + IPV6_HLEN;
+        if tuple.proto == IPPROTO_FRAGMENT {
+            // A fragment header right after the fixed header: as for IPv4, a non-first
+            // fragment passes untracked and the first is judged by what follows it.
+            let offset = u16::from_be(ctx.load(at + 2).ok()?) & 0xfff8;
+            if offset != 0 {
+                return None;
+            }
+            tuple.proto = ctx.load(at).ok()?;
+            at += 8;
+        }
+        l4 = at;
         if tuple.proto == PROTO_ICMPV6 {
             // Router/neighbour solicitation and advertisement, redirect (133..=137):
             // the link must work whatever the policy.
@@ -146,7 +161,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let mut tcp_flags = 0;
-    if has_ports && (tuple.proto == PROTO_TCP || tuple.proto == PROTO_UDP) {
+    if tuple.proto == PROTO_TCP || tuple.proto == PROTO_UDP {
         tuple.sport_be = ctx.load(l4).ok()?;
         tuple.dport_be = ctx.load(l4 + 2).ok()?;
         if tuple.proto == PROTO_TCP {
