@@ -251,6 +251,17 @@ impl ResourceDir {
         self.write_raw(name, &docs.join("\n---\n"));
     }
 
+    /// Enrolls `pods` as Workloads (each labelled `app: <app>` with service account
+    /// `<app>`, its interface named so the agent attaches its programs) in
+    /// `workloads.yaml`, replacing what that file held.
+    pub fn write_workloads(&self, pods: &[(&Pod, &str)]) {
+        let docs: Vec<String> = pods
+            .iter()
+            .map(|(pod, app)| WorkloadYaml::for_pod(pod, app).to_yaml())
+            .collect();
+        self.write("workloads.yaml", &docs);
+    }
+
     /// Replaces (or creates) `name` with this exact text.
     pub fn write_raw(&self, name: &str, text: &str) {
         static SEQ: AtomicU64 = AtomicU64::new(0);

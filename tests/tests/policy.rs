@@ -9,7 +9,7 @@ use std::{
 };
 
 use mycel_tests::{
-    Agent, Node, Pod, Proc, WorkloadYaml, require_root,
+    Agent, Node, Pod, Proc, require_root,
     testpod::{HoldEvent, now_us},
 };
 
@@ -33,14 +33,8 @@ impl Scene {
         let client = node.pod("client");
         let other = node.pod("other");
         let servers = vec![web.tcp_server(OPEN), web.tcp_server(OTHER_PORT)];
-        node.resources().write(
-            "workloads.yaml",
-            &[
-                WorkloadYaml::for_pod(&web, "web").to_yaml(),
-                WorkloadYaml::for_pod(&client, "client").to_yaml(),
-                WorkloadYaml::for_pod(&other, "other").to_yaml(),
-            ],
-        );
+        node.resources()
+            .write_workloads(&[(&web, "web"), (&client, "client"), (&other, "other")]);
         Scene {
             node,
             web,

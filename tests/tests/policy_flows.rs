@@ -22,7 +22,7 @@ use mycel_agent::flows::{
     Flow, Verdict,
     record::{Direction, Kind},
 };
-use mycel_tests::{Agent, Node, Pod, Proc, WorkloadYaml, require_root};
+use mycel_tests::{Agent, Node, Pod, Proc, require_root};
 
 const OPEN: u16 = 8080;
 const CLOSED: u16 = 9090;
@@ -70,14 +70,8 @@ impl Scene {
         let node = Node::new();
         let (a, b, c) = (node.pod("a"), node.pod("b"), node.pod("c"));
         let servers = vec![b.tcp_server(OPEN), b.tcp_server(CLOSED), a.tcp_server(OPEN)];
-        node.resources().write(
-            "workloads.yaml",
-            &[
-                WorkloadYaml::for_pod(&a, "a").to_yaml(),
-                WorkloadYaml::for_pod(&b, "b").to_yaml(),
-                WorkloadYaml::for_pod(&c, "c").to_yaml(),
-            ],
-        );
+        node.resources()
+            .write_workloads(&[(&a, "a"), (&b, "b"), (&c, "c")]);
         Scene {
             node,
             a,

@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 
 use mycel_tests::{
-    Agent, Node, ResourceDir, WorkloadYaml, env,
+    Agent, Node, ResourceDir, env,
     scenario::{BACKEND_PORT, Backends, WEB_PORT, WEB_VIP4, backend_addr, web_ipv4, web_vip4},
 };
 
@@ -137,15 +137,14 @@ fn demo() {
         "policy: only the client's identity may call web (an Istio-style AuthorizationPolicy)",
     );
     let intruder = node.pod("intruder");
-    let mut workloads: Vec<String> = web
+    let mut workloads: Vec<(&mycel_tests::Pod, &str)> = web
         .pods
         .iter()
         .filter(|p| p.name != "web-1")
-        .map(|p| WorkloadYaml::for_pod(p, "web").to_yaml())
+        .map(|p| (p, "web"))
         .collect();
-    workloads.push(WorkloadYaml::for_pod(&client, "client").to_yaml());
-    workloads.push(WorkloadYaml::for_pod(&intruder, "intruder").to_yaml());
-    resources.write("workloads.yaml", &workloads);
+    workloads.extend([(&client, "client"), (&intruder, "intruder")]);
+    resources.write_workloads(&workloads);
     resources.write_raw("policy.yaml", POLICY);
     print!("{}", indent(POLICY));
     agent.wait_for("the policy to be in force", Duration::from_secs(5), |a| {
