@@ -79,7 +79,8 @@ impl IstioTcpLabels {
 /// `hubble_flows_processed_total` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HubbleFlowLabels {
-    /// Always `L3_L4` for kernel flows.
+    /// Hubble's event type: `Trace` for a forwarded flow, `Drop` for a dropped one (what
+    /// Hubble's own dashboards filter on).
     pub r#type: &'static str,
     /// `to-endpoint` (ingress) or `from-endpoint` (egress).
     pub subtype: &'static str,
@@ -193,7 +194,11 @@ impl Metrics {
         let ingress = ev.key.direction == DIR_INGRESS;
         self.flows_processed
             .get_or_create(&HubbleFlowLabels {
-                r#type: "L3_L4",
+                r#type: if flow.verdict == Verdict::Dropped {
+                    "Drop"
+                } else {
+                    "Trace"
+                },
                 subtype: if ingress {
                     "to-endpoint"
                 } else {
@@ -533,7 +538,7 @@ mod tests {
                 &t,
                 "hubble_flows_processed_total",
                 &[
-                    "type=\"L3_L4\"",
+                    "type=\"Trace\"",
                     "subtype=\"to-endpoint\"",
                     "verdict=\"FORWARDED\""
                 ]
