@@ -14,8 +14,8 @@
 //! Parsing: Ethernet, then IPv4 (options skipped by IHL) or IPv6 (the fixed header and a
 //! fragment header right after it; with other extension headers the next-header value is
 //! taken as the protocol and the ports as 0), then TCP or UDP ports. Other protocols
-//! (ICMP, …) have ports 0. Non-first fragments (v4 and v6), non-IP frames (ARP) and IPv6
-//! neighbour discovery pass untouched.
+//! (ICMP, …) have ports 0. Non-first fragments (v4 and v6), non-IP frames (ARP), IPv6
+//! neighbour discovery and link-local multicast (ff02::/16) pass untouched.
 //!
 //! Return codes work with both tcx and clsact: `-1` is `TCX_NEXT` and `TC_ACT_UNSPEC`
 //! (let the next program, or the default action, decide: pass), `2` is `TCX_DROP` and
@@ -163,6 +163,11 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         tuple.proto = ld(ctx, ETH_HLEN + 6)?;
         tuple.saddr_be = ld(ctx, ETH_HLEN + 8)?;
         tuple.daddr_be = ld(ctx, ETH_HLEN + 24)?;
+        // Link-local multicast (ff02::/16: MLD reports, router and neighbour discovery) is
+        // the link's own control traffic: never a workload's flow, never subject to policy.
+        if u32::from_be(tuple.daddr_be[0]) >> 16 == 0xff02 {
+            return None;
+        }
         let mut at = ETH_HLEN + IPV6_HLEN;
         if tuple.proto == IPPROTO_FRAGMENT {
             // A fragment header right after the fixed header: as for IPv4, a non-first

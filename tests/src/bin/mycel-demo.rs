@@ -175,7 +175,12 @@ fn demo() {
     agent.wait_for("the drops to be counted", Duration::from_secs(5), |a| {
         a.metric_sum("hubble_drop_total") >= 1.0
     });
-    print!("{}", indent(&cli(&agent, &["flows", "--limit", "6"])));
+    for from in ["client", "intruder"] {
+        print!(
+            "{}",
+            indent(&cli(&agent, &["flows", "--from", from, "--limit", "3"]))
+        );
+    }
 
     step(9, "`mycel status`");
     print!("{}", indent(&cli(&agent, &["status"])));
