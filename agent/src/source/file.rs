@@ -1097,6 +1097,27 @@ spec:
     }
 
     #[tokio::test]
+    async fn the_shipped_examples_are_valid_and_compile() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/standalone");
+        let (_source, mut rx) = start(&dir).await;
+        let update = match next(&mut rx).await {
+            SourceEvent::Update(u) => u,
+            other => panic!("manifests/examples/standalone should load cleanly: {other:?}"),
+        };
+        assert!(update.full);
+        let mut state = crate::state::State::default();
+        let applied = state.apply(update);
+        assert!(applied.errors.is_empty(), "{:?}", applied.errors);
+        assert_eq!(state.frontends().len(), 1);
+        assert_eq!(state.policy().policies_loaded(), 1);
+        assert_eq!(
+            state.policy().endpoints().len(),
+            2,
+            "web-1 and web-2 are local"
+        );
+    }
+
+    #[tokio::test]
     async fn empty_directory_gives_an_empty_full_update() {
         let dir = tempfile::tempdir().unwrap();
         let (_source, mut rx) = start(dir.path()).await;
