@@ -28,6 +28,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, clap::Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing the agent's settings would buy nothing"
+)]
 pub enum Command {
     /// Run the node agent.
     Agent(config::Args),

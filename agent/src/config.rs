@@ -105,6 +105,14 @@ pub struct Args {
     /// when the map is created.
     #[arg(long, env = "MYCEL_MAX_FLOWS", default_value_t = MapSizes::default().flows.to_string())]
     pub max_flows: String,
+    /// Compiled policy entries the kernel map holds across local workloads (a workload
+    /// with many rules and peers needs more); used when the map is created.
+    #[arg(long, env = "MYCEL_MAX_POLICY_ENTRIES", default_value_t = MapSizes::default().policy.to_string())]
+    pub max_policy_entries: String,
+    /// Addresses and CIDRs with an identity the kernel map holds; used when the map is
+    /// created.
+    #[arg(long, env = "MYCEL_MAX_IPCACHE_ENTRIES", default_value_t = MapSizes::default().ipcache.to_string())]
+    pub max_ipcache_entries: String,
     /// Recent flows kept in memory for `mycel flows` and /debug/flows.
     #[arg(long, env = "MYCEL_FLOW_BUFFER", default_value_t = flows::DEFAULT_BUFFER.to_string())]
     pub flow_buffer: String,
@@ -180,6 +188,18 @@ impl Config {
                 services: count("--max-services", &args.max_services, 1, MAX_SERVICES)?,
                 backends: count("--max-backends", &args.max_backends, 1, 1 << 24)?,
                 flows: count("--max-flows", &args.max_flows, 16, 1 << 24)?,
+                policy: count(
+                    "--max-policy-entries",
+                    &args.max_policy_entries,
+                    16,
+                    1 << 24,
+                )?,
+                ipcache: count(
+                    "--max-ipcache-entries",
+                    &args.max_ipcache_entries,
+                    16,
+                    1 << 24,
+                )?,
                 ..MapSizes::default()
             },
             flows: flow_config(args)?,
@@ -283,6 +303,8 @@ mod tests {
             max_services: "65536".into(),
             max_backends: "1000".into(),
             max_flows: "65536".into(),
+            max_policy_entries: "65536".into(),
+            max_ipcache_entries: "65536".into(),
             flow_buffer: "4096".into(),
             flow_log: None,
             flow_log_max_bytes: flows::log::DEFAULT_MAX_BYTES.to_string(),
@@ -384,6 +406,12 @@ mod tests {
         assert_eq!(
             Config::from_args(&a, MOUNTS).unwrap_err().setting,
             "--max-services"
+        );
+        let mut a = args();
+        a.max_policy_entries = "none".into();
+        assert_eq!(
+            Config::from_args(&a, MOUNTS).unwrap_err().setting,
+            "--max-policy-entries"
         );
         let mut a = args();
         a.max_flows = "0".into();

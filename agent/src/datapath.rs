@@ -10,6 +10,7 @@ use std::{collections::BTreeMap, io, net::IpAddr, path::PathBuf};
 
 use mycel_common::{
     flow::DEFAULT_FLOW_ENTRIES,
+    policy::{DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES},
     service::{DEFAULT_BACKEND_SLOTS, MAX_SERVICES, REVNAT_ENTRIES},
 };
 
@@ -112,6 +113,10 @@ pub struct MapSizes {
     pub revnat: u32,
     /// Flows counted at once (`FLOWS`, an LRU: the least recently seen make room).
     pub flows: u32,
+    /// Compiled policy entries of every local endpoint (`POLICY`).
+    pub policy: u32,
+    /// Addresses and CIDRs with a known identity (`IPCACHE`).
+    pub ipcache: u32,
 }
 
 impl Default for MapSizes {
@@ -121,6 +126,8 @@ impl Default for MapSizes {
             backends: DEFAULT_BACKEND_SLOTS,
             revnat: REVNAT_ENTRIES,
             flows: DEFAULT_FLOW_ENTRIES,
+            policy: DEFAULT_POLICY_ENTRIES,
+            ipcache: DEFAULT_IPCACHE_ENTRIES,
         }
     }
 }

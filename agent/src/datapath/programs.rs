@@ -123,6 +123,8 @@ pub(super) fn load(pin_dir: &Path, sizes: super::MapSizes) -> Result<Ebpf, Error
         .map_max_entries("BACKENDS", sizes.backends)
         .map_max_entries("REVNAT", sizes.revnat)
         .map_max_entries("FLOWS", sizes.flows)
+        .map_max_entries("POLICY", sizes.policy)
+        .map_max_entries("IPCACHE", sizes.ipcache)
         .load(EBPF_OBJECT)
         .map_err(|e| Error::Load(Box::new(e)))
 }

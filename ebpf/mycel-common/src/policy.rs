@@ -5,6 +5,12 @@
 
 use crate::pod;
 
+/// Default size of `IPCACHE` (the agent may create it otherwise): addresses and CIDRs.
+pub const DEFAULT_IPCACHE_ENTRIES: u32 = 65_536;
+/// Default size of `POLICY` (the agent may create it otherwise): compiled entries of every
+/// local endpoint.
+pub const DEFAULT_POLICY_ENTRIES: u32 = 65_536;
+
 /// Numeric identities. Workload identities (one per namespace and service account) start
 /// at [`IDENTITY_FIRST_WORKLOAD`]; CIDR identities (one per ipBlock a policy names) at
 /// [`IDENTITY_FIRST_CIDR`]; below that, reserved ones.

@@ -10,7 +10,10 @@ use aya_ebpf::{
 };
 use mycel_common::{
     flow::{DEFAULT_FLOW_ENTRIES, FlowKey, FlowValue},
-    policy::{EndpointInfo, IpcacheAddr, IpcacheValue, PolicyKey, PolicyValue},
+    policy::{
+        DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, EndpointInfo, IpcacheAddr, IpcacheValue,
+        PolicyKey, PolicyValue,
+    },
     service::{
         Backend, BackendKey, DEFAULT_BACKEND_SLOTS, MAX_AFFINITY_SERVICES, MAX_SERVICES,
         MaglevTable, REVNAT_ENTRIES, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
@@ -18,8 +21,8 @@ use mycel_common::{
     stats::STAT_MAX,
 };
 
-// Sizes here are defaults: the agent sets SERVICES, BACKENDS and REVNAT from its
-// configuration when it creates them.
+// Sizes here are defaults: the agent sets SERVICES, BACKENDS, REVNAT, FLOWS, POLICY and
+// IPCACHE from its configuration when it creates them.
 
 /// Service frontends: (address, port, protocol) → id, backend count, flags.
 #[map]
@@ -53,11 +56,11 @@ pub fn count(index: u32) {
 }
 
 /// Entries of `IPCACHE`: workload addresses and policy CIDRs the node knows.
-const IPCACHE_ENTRIES: u32 = 65_536;
+const IPCACHE_ENTRIES: u32 = DEFAULT_IPCACHE_ENTRIES;
 /// Entries of `ENDPOINTS`: local workload interfaces.
 const ENDPOINT_ENTRIES: u32 = 4_096;
 /// Entries of `POLICY`: compiled rules of every local endpoint.
-const POLICY_ENTRIES: u32 = 65_536;
+const POLICY_ENTRIES: u32 = DEFAULT_POLICY_ENTRIES;
 /// Size of `FLOW_EVENTS` in bytes (a power of two multiple of the page size).
 const FLOW_EVENTS_BYTES: u32 = 1 << 20;
 /// Unread bytes in `FLOW_EVENTS` past which a new event wakes the agent at once (below
