@@ -205,6 +205,14 @@ impl Datapath {
     /// interface, by name, in the calling thread's network namespace. Replaces an earlier
     /// agent's attachment in place.
     pub fn attach_tc(&mut self, interface: &str) -> Result<TcAttachment, Error> {
+        // Already attached by this agent to the interface that has this name now (a
+        // recreated interface has a new ifindex and is attached again).
+        let ifindex = ifindex_of(interface)?;
+        if let Some(a) = self.tc.get(&ifindex)
+            && a.interface == interface
+        {
+            return Ok(a.clone());
+        }
         let a = tc::attach(
             &mut self.ebpf,
             &self.pin_dir,
