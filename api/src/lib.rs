@@ -1,0 +1,1 @@
+//! mycel's custom resources (group `mycel.dev`).
