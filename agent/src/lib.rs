@@ -12,6 +12,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod discovery;
 pub mod flows;
 pub mod metrics;
 pub mod source;

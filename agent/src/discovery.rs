@@ -1,0 +1,1 @@
+//! Finding a pod's host-side interface and cgroup on a node.
