@@ -299,7 +299,7 @@ fn route(role: Role, shared: &Shared, req: Request<Incoming>) -> Response<Full<B
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
     }
     match (role, req.uri().path()) {
-        (Role::Admin, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (Role::Admin | Role::Readiness, "/healthz") => text(StatusCode::OK, "ok\n"),
         (Role::Admin | Role::Readiness, "/readyz") | (Role::Readiness, "/healthz/ready") => {
             if shared.is_ready() {
                 text(StatusCode::OK, "ready\n")

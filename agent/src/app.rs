@@ -21,9 +21,38 @@ use crate::{
     datapath::{self, ApplyStats, Datapath, PolicyContent},
     flows::{Directory, Flows, WorkloadInfo},
     metrics::{KernelCounters, MapOpLabels, Metrics},
-    source::{SourceEvent, file::FileSource},
-    state::{EndpointPolicy, ObjectRef, State, Update},
+    source::{
+        SourceEvent,
+        file::FileSource,
+        k8s::{self, KubeConfig, KubeSource},
+    },
+    state::{EndpointPolicy, ObjectRef, PolicySettings, State, Update},
 };
+
+/// The source in use; dropping it stops it.
+#[derive(Debug)]
+enum RunningSource {
+    File(#[expect(dead_code, reason = "held to keep the source running")] FileSource),
+    Kubernetes(#[expect(dead_code, reason = "held to keep the source running")] KubeSource),
+}
+
+/// The root of the cgroup2 mount that holds `dir` (kubelet puts pods' cgroups below it).
+fn cgroup2_root_of(dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_to_string("/proc/self/mounts")
+        .ok()
+        .and_then(|mounts| {
+            mounts
+                .lines()
+                .filter_map(|line| {
+                    let mut f = line.split_whitespace();
+                    let (_, mount, fstype) = (f.next()?, f.next()?, f.next()?);
+                    (fstype == "cgroup2").then(|| std::path::PathBuf::from(mount))
+                })
+                .filter(|mount| dir.starts_with(mount))
+                .max_by_key(|mount| mount.as_os_str().len())
+        })
+        .unwrap_or_else(|| dir.to_path_buf())
+}
 
 /// How often what failed for want of an interface is tried again, and counters of
 /// background tasks are brought into the metrics.
@@ -43,12 +72,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let directory = Arc::new(Directory::new());
     let kernel = Arc::new(KernelCounters::new(&cfg.bpffs));
     registry.register_collector(Box::new(kernel.clone()));
-    let SourceConfig::File(dir) = &cfg.source;
     let shared = Arc::new(Shared {
         ready: Default::default(),
         status: RwLock::new(Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            source: format!("file:{}", dir.display()),
+            source: cfg.source.to_string(),
             cgroup: cfg.cgroup.clone(),
             bpffs: cfg.bpffs.clone(),
             ..Default::default()
@@ -97,11 +125,38 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "took over pinned maps from a previous agent; they keep routing until the first sync"
         );
     }
-    let (_source, mut events) = FileSource::start(dir.clone())
-        .with_context(|| format!("starting the file source on {}", dir.display()))?;
+    let policy_settings = PolicySettings {
+        trust_domain: cfg.trust_domain.clone(),
+        ..PolicySettings::default()
+    };
+    let (_source, mut events) = match &cfg.source {
+        SourceConfig::File(dir) => {
+            let (source, events) = FileSource::start(dir.clone())
+                .with_context(|| format!("starting the file source on {}", dir.display()))?;
+            (RunningSource::File(source), events)
+        }
+        SourceConfig::Kubernetes {
+            node_name,
+            kubeconfig,
+        } => {
+            let client = k8s::client(kubeconfig.as_deref())
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let (source, events) = KubeSource::start(
+                client,
+                KubeConfig {
+                    node_name: node_name.clone(),
+                    cgroup_root: cgroup2_root_of(&cfg.cgroup),
+                    root_namespace: policy_settings.root_namespace.clone(),
+                },
+            );
+            info!(node = %node_name, "watching the Kubernetes API; ready once every kind is listed");
+            (RunningSource::Kubernetes(source), events)
+        }
+    };
 
     let mut agent = Agent {
-        state: State::default(),
+        state: State::with_policy_settings(policy_settings),
         datapath,
         metrics,
         shared: shared.clone(),

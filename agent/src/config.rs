@@ -27,6 +27,8 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
 /// Exit status for invalid configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_USAGE: i32 = 64;
+/// Default trust domain, as Kubernetes' default cluster domain and Istio's.
+pub const DEFAULT_TRUST_DOMAIN: &str = crate::state::identity::DEFAULT_TRUST_DOMAIN;
 
 /// Where desired state comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -34,13 +36,35 @@ pub const EXIT_USAGE: i32 = 64;
 pub enum SourceConfig {
     /// A directory of Kubernetes-format YAML files, watched for changes.
     File(PathBuf),
+    /// The Kubernetes API (in-cluster configuration, or `KUBECONFIG`), watched for the
+    /// objects of every namespace and the pods of this node.
+    Kubernetes {
+        /// This node's name (`--node-name` / `NODE_NAME`): its pods are the local ones.
+        node_name: String,
+        /// `--kubeconfig` / `KUBECONFIG`; none: in-cluster configuration.
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+impl std::fmt::Display for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceConfig::File(dir) => write!(f, "file:{}", dir.display()),
+            SourceConfig::Kubernetes { node_name, .. } => {
+                write!(f, "kubernetes (node {node_name})")
+            }
+        }
+    }
 }
 
 /// The agent's settings.
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
-    /// `--source` / `MYCEL_SOURCE`: `file:DIR`.
+    /// `--source` / `MYCEL_SOURCE`: `file:DIR` or `kubernetes`.
     pub source: SourceConfig,
+    /// `--trust-domain` / `MYCEL_TRUST_DOMAIN`: the trust domain of SPIFFE IDs and of the
+    /// principals policies name.
+    pub trust_domain: String,
     /// `--cgroup` / `MYCEL_CGROUP`: the cgroup v2 directory the socket programs attach to;
     /// every process below it is load-balanced. Default: the root of the cgroup2 mount.
     pub cgroup: PathBuf,
@@ -73,9 +97,21 @@ pub const MAX_FLOW_LOG_FILES: u32 = 1_000;
 /// The raw settings as given, before validation.
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct Args {
-    /// Where resources come from: `file:DIR` (a directory of Kubernetes YAML).
+    /// Where resources come from: `kubernetes` (the API server: in-cluster configuration
+    /// or KUBECONFIG) or `file:DIR` (a directory of Kubernetes YAML).
     #[arg(long, env = "MYCEL_SOURCE", default_value = DEFAULT_SOURCE)]
     pub source: String,
+    /// Kubeconfig file for `--source kubernetes` [default: the in-cluster service account,
+    /// then ~/.kube/config].
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<String>,
+    /// This node's name (required with `--source kubernetes`; in a DaemonSet, set NODE_NAME
+    /// from the downward API's `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Trust domain of workload identities (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`).
+    #[arg(long, env = "MYCEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
     /// cgroup v2 directory to attach the socket programs to [default: the cgroup2 root].
     #[arg(long, env = "MYCEL_CGROUP")]
     pub cgroup: Option<String>,
@@ -147,7 +183,12 @@ fn invalid(setting: &'static str, value: &str, why: impl Into<String>) -> Error 
 impl Config {
     /// Validates `args`. `mounts` is the text of /proc/self/mounts (for the cgroup2 root).
     pub fn from_args(args: &Args, mounts: &str) -> Result<Self, Error> {
-        let source = parse_source(&args.source)?;
+        let source = parse_source(
+            &args.source,
+            args.node_name.as_deref(),
+            args.kubeconfig.as_deref(),
+        )?;
+        let trust_domain = parse_trust_domain(&args.trust_domain)?;
         let cgroup = match &args.cgroup {
             Some(c) => {
                 let p = PathBuf::from(c);
@@ -178,6 +219,7 @@ impl Config {
         };
         Ok(Self {
             source,
+            trust_domain,
             cgroup,
             bpffs,
             admin_addr: addr("--admin-addr", &args.admin_addr)?,
@@ -258,13 +300,31 @@ fn count(setting: &'static str, v: &str, min: u32, max: u32) -> Result<u32, Erro
     }
 }
 
-fn parse_source(v: &str) -> Result<SourceConfig, Error> {
+fn parse_source(
+    v: &str,
+    node_name: Option<&str>,
+    kubeconfig: Option<&str>,
+) -> Result<SourceConfig, Error> {
     if v == "kubernetes" {
-        return Err(invalid(
-            "--source",
-            v,
-            "the Kubernetes source is not available in this build; use file:DIR",
-        ));
+        let node_name = node_name.unwrap_or_default().trim();
+        if node_name.is_empty() {
+            return Err(invalid(
+                "--node-name",
+                node_name,
+                "required with --source kubernetes: set NODE_NAME from the downward API \
+                 (fieldRef spec.nodeName) or pass --node-name",
+            ));
+        }
+        let kubeconfig = match kubeconfig.filter(|k| !k.is_empty()) {
+            Some(k) if !Path::new(k).is_file() => {
+                return Err(invalid("--kubeconfig", k, "the file does not exist"));
+            }
+            k => k.map(PathBuf::from),
+        };
+        return Ok(SourceConfig::Kubernetes {
+            node_name: node_name.to_owned(),
+            kubeconfig,
+        });
     }
     match v.split_once(':') {
         Some(("file", dir)) if !dir.is_empty() => {
@@ -274,7 +334,25 @@ fn parse_source(v: &str) -> Result<SourceConfig, Error> {
             }
             Ok(SourceConfig::File(dir.to_path_buf()))
         }
-        _ => Err(invalid("--source", v, "expected file:DIR")),
+        _ => Err(invalid("--source", v, "expected kubernetes or file:DIR")),
+    }
+}
+
+/// A trust domain is a DNS-like name: lowercase letters, digits, `.`, `-` and `_` (the
+/// SPIFFE ID specification's characters for the trust domain).
+fn parse_trust_domain(v: &str) -> Result<String, Error> {
+    let ok = !v.is_empty()
+        && v.len() <= 255
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(invalid(
+            "--trust-domain",
+            v,
+            "expected lowercase letters, digits, '.', '-' and '_' (such as cluster.local)",
+        ))
     }
 }
 
@@ -294,6 +372,9 @@ mod tests {
     fn args() -> Args {
         Args {
             source: format!("file:{}", std::env::temp_dir().display()),
+            node_name: None,
+            kubeconfig: None,
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             cgroup: None,
             bpffs: DEFAULT_BPFFS.into(),
             admin_addr: DEFAULT_ADMIN_ADDR.into(),
@@ -371,6 +452,30 @@ mod tests {
         assert!(e.to_string().contains("\"localhost\""), "{e}");
 
         let mut a = args();
+        a.source = "kubernetes".into();
+        assert_eq!(
+            Config::from_args(&a, MOUNTS).unwrap_err().setting,
+            "--node-name",
+            "the Kubernetes source needs the node's name"
+        );
+        a.node_name = Some("node-1".into());
+        assert_eq!(
+            Config::from_args(&a, MOUNTS).unwrap().source,
+            SourceConfig::Kubernetes {
+                node_name: "node-1".into(),
+                kubeconfig: None,
+            }
+        );
+        a.trust_domain = "Cluster Local".into();
+        assert_eq!(
+            Config::from_args(&a, MOUNTS).unwrap_err().setting,
+            "--trust-domain"
+        );
+        a.trust_domain = "example.org".into();
+        assert_eq!(
+            Config::from_args(&a, MOUNTS).unwrap().trust_domain,
+            "example.org"
+        );
         a.source = "git:somewhere".into();
         assert_eq!(
             Config::from_args(&a, MOUNTS).unwrap_err().setting,

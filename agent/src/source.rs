@@ -1,9 +1,9 @@
 //! Where desired state comes from.
 //!
 //! A source turns objects in the Kubernetes format into [`state`](crate::state) resources
-//! and hands them over as batches ([`SourceEvent::Update`]). Today there is one source, a
-//! directory of YAML files ([`file`]); the Kubernetes API source will reuse [`translate`],
-//! the one place each kind is translated and validated.
+//! and hands them over as batches ([`SourceEvent::Update`]): a directory of YAML files
+//! ([`file`]) or the Kubernetes API ([`k8s`]). Both use [`translate`], the one place each
+//! kind is translated and validated, so they behave alike.
 //!
 //! A source never stops on bad input: it reports the problem ([`SourceEvent::Error`]) and
 //! keeps what it last accepted.
@@ -13,6 +13,7 @@ use std::{fmt, io, path::PathBuf};
 use crate::state::{self, Kind, Origin, ResourceKey};
 
 pub mod file;
+pub mod k8s;
 pub mod translate;
 
 /// What a source sends to the agent.
@@ -91,6 +92,10 @@ pub enum Error {
         #[source]
         source: notify::Error,
     },
+    /// The Kubernetes API could not be used (configuration, connection, a watch); the
+    /// source keeps what it has and retries.
+    #[error("Kubernetes API ({what}): {message}")]
+    Api { what: &'static str, message: String },
     /// The source's worker thread could not be started.
     #[error("cannot start the file source's thread: {0}")]
     Thread(#[source] io::Error),

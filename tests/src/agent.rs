@@ -33,12 +33,30 @@ const LOG_TAIL_LINES: usize = 60;
 #[derive(Clone, Debug, Default)]
 pub struct AgentOptions {
     extra_args: Vec<String>,
+    /// `--source kubernetes` with this kubeconfig and node name, instead of the node's
+    /// resource directory.
+    kubernetes: Option<(PathBuf, String)>,
+    /// Do not wait for readiness after starting.
+    no_wait: bool,
 }
 
 impl AgentOptions {
     /// Adds a command-line argument after the ones the harness passes.
     pub fn arg(mut self, arg: &str) -> Self {
         self.extra_args.push(arg.to_owned());
+        self
+    }
+
+    /// Reads the Kubernetes API described by `kubeconfig` as node `node_name`, instead of
+    /// the node's resource directory.
+    pub fn kubernetes(mut self, kubeconfig: &std::path::Path, node_name: &str) -> Self {
+        self.kubernetes = Some((kubeconfig.to_path_buf(), node_name.to_owned()));
+        self
+    }
+
+    /// Starts without waiting for readiness (the test checks it).
+    pub fn no_wait(mut self) -> Self {
+        self.no_wait = true;
         self
     }
 
@@ -78,18 +96,30 @@ impl Agent<'_> {
             "---- harness: agent start #{} ----\n",
             self.starts
         ));
-        let source = format!("file:{}", self.node.resources().path().display());
-        let mut args: Vec<String> = vec![
-            "agent".into(),
-            "--source".into(),
-            source,
+        let source = match &self.opts.kubernetes {
+            Some((kubeconfig, node_name)) => vec![
+                "--source".into(),
+                "kubernetes".into(),
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+                "--node-name".into(),
+                node_name.clone(),
+            ],
+            None => vec![
+                "--source".into(),
+                format!("file:{}", self.node.resources().path().display()),
+            ],
+        };
+        let mut args: Vec<String> = vec!["agent".into()];
+        args.extend(source);
+        args.extend([
             "--cgroup".into(),
             self.node.cgroup.display().to_string(),
             "--bpffs".into(),
             self.node.bpffs.display().to_string(),
             "--admin-addr".into(),
             ADMIN_ADDR.into(),
-        ];
+        ]);
         args.extend(self.opts.extra_args.iter().cloned());
         self.proc = Some(Proc::spawn_logged(
             Some(&self.node.netns),
@@ -97,7 +127,9 @@ impl Agent<'_> {
             &args,
             &self.log,
         ));
-        self.wait_ready(READY_TIMEOUT);
+        if !self.opts.no_wait {
+            self.wait_ready(READY_TIMEOUT);
+        }
     }
 
     /// Waits until `/readyz` answers 200; panics with the log tail if the agent exits or

@@ -32,7 +32,9 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod cluster;
 pub mod env;
+pub mod fakeapi;
 pub mod netns;
 pub mod node;
 pub mod process;
@@ -44,7 +46,7 @@ pub mod testpod;
 pub use agent::{Agent, AgentOptions, ServiceInfo};
 pub use node::{Node, Pod};
 pub use process::Proc;
-pub use resources::{EndpointSliceYaml, ResourceDir, ServiceYaml, WorkloadYaml};
+pub use resources::{EndpointSliceYaml, ResourceDir, Resources, ServiceYaml, WorkloadYaml};
 pub use testpod::{ClientReport, ConnectResult};
 
 /// Skips the calling test (returns from it) unless the machine can run privileged tests:

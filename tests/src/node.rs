@@ -121,6 +121,12 @@ impl Node {
     /// next free 10.0.0.N/24 and fd00::N/64, default routes via the node), and cgroup
     /// `<node cgroup>/<name>`.
     pub fn pod(&self, name: &str) -> Pod {
+        self.pod_with_cgroup(name, name)
+    }
+
+    /// Adds a pod as [`Node::pod`] does, with cgroup `<node cgroup>/<cgroup>` (kubelet names
+    /// a pod's cgroup `pod<uid>`).
+    pub fn pod_with_cgroup(&self, name: &str, cgroup: &str) -> Pod {
         let n = self.next_host.fetch_add(1, Ordering::Relaxed);
         let host = u8::try_from(n)
             .ok()
@@ -132,7 +138,7 @@ impl Node {
             ipv4: Ipv4Addr::new(10, 0, 0, host),
             ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(host)),
             host_if: format!("veth{host}"),
-            cgroup: self.cgroup.join(name),
+            cgroup: self.cgroup.join(cgroup),
         };
         // Record it first, so that a failure below still cleans it up.
         self.pods

@@ -227,6 +227,26 @@ pub struct ResourceDir {
     staging: PathBuf,
 }
 
+/// Where a test puts the objects the agent should see: files of a resource directory, or
+/// objects of the (fake) Kubernetes API. A "file" is a named group of documents; writing it
+/// again replaces the group (objects it no longer holds are removed), as for a file.
+pub trait Resources {
+    /// Replaces (or creates) the group `name` with these YAML documents.
+    fn write(&self, name: &str, docs: &[String]);
+    /// Removes the group `name` and its objects.
+    fn remove(&self, name: &str);
+}
+
+impl Resources for ResourceDir {
+    fn write(&self, name: &str, docs: &[String]) {
+        ResourceDir::write(self, name, docs);
+    }
+
+    fn remove(&self, name: &str) {
+        ResourceDir::remove(self, name);
+    }
+}
+
 impl ResourceDir {
     /// Creates `dir` and its staging directory `staging` (outside `dir`).
     pub fn create(dir: PathBuf, staging: PathBuf) -> Self {

@@ -5,27 +5,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use mycel_tests::scenario::{
-    BACKEND_PORT, Backends, WEB_PORT, WEB_VIP4, WEB_VIP6, backend_addr, web_ipv4, web_vip4,
-    web_vip6,
+    self, BACKEND_PORT, Backends, WEB_PORT, WEB_VIP4, WEB_VIP6, backend_addr, expect_all_via,
+    web_ipv4, web_vip4, web_vip6,
 };
 use mycel_tests::stats::binomial_lower_bound;
-use mycel_tests::testpod::{ClientReport, now_us};
 use mycel_tests::{EndpointSliceYaml, Node, ServiceYaml, require_root};
 
 /// Probability with which a statistical assertion may fail a correct agent.
 const FLAKE_PROBABILITY: f64 = 1e-6;
-
-/// Asserts every attempt succeeded and reported `vip` as its peer; returns the answers.
-fn expect_all_via(report: &ClientReport, vip: SocketAddr, what: &str) -> BTreeMap<String, usize> {
-    let answers = report.answers_without_errors(what);
-    assert_eq!(
-        report.peers(),
-        BTreeSet::from([vip.to_string()]),
-        "{what}: every socket should report the service address {vip} as its peer; {}",
-        report.summary()
-    );
-    answers
-}
 
 #[test]
 fn tcp_to_cluster_ip_reaches_all_backends() {
@@ -221,104 +208,11 @@ fn udp_through_the_vip_with_unconnected_and_connected_sockets() {
 
 /// The time from `since` (µs since the epoch) to the first result that satisfies `pred`,
 /// in ms; panics with the report if there is none.
-fn first_after(report: &ClientReport, since: u64, what: &str, pred: impl Fn(&str) -> bool) -> f64 {
-    let hit = report
-        .results
-        .iter()
-        .find(|r| r.at_us >= since && r.answer.as_deref().is_some_and(&pred))
-        .unwrap_or_else(|| panic!("{what} was never seen; {}", report.summary()));
-    (hit.at_us - since) as f64 / 1000.0
-}
-
 #[test]
 fn scaling_endpoints_changes_new_connections_within_a_second() {
     require_root!();
     let node = Node::new();
-    let backends = Backends::start(&node, "web", 3);
-    let [a, b, c] = [0, 1, 2].map(|i| &backends.pods[i]);
-    node.resources().write("web.yaml", &web_ipv4(&[a]));
-    let _agent = node.start_agent();
-    let client = node.pod("client");
-    let vip = web_vip4();
-    let poll = |until: &str, consecutive: &str| {
-        client.tcp_client_with(
-            vip,
-            250,
-            &[
-                "--interval-ms",
-                "20",
-                "--timeout-ms",
-                "300",
-                "--until-answer",
-                until,
-                "--consecutive",
-                consecutive,
-            ],
-        )
-    };
-
-    let report = client.tcp_client(vip, 20);
-    let answers = expect_all_via(&report, vip, "before scaling");
-    assert_eq!(
-        answers.keys().collect::<Vec<_>>(),
-        [&a.name],
-        "before scaling"
-    );
-
-    // Scale up: a → a, b, c.
-    let changed = now_us();
-    node.resources().write("web.yaml", &web_ipv4(&[a, b, c]));
-    let report = poll(&format!("{},{}", b.name, c.name), "1");
-    expect_all_via(&report, vip, "while scaling up");
-    let ms = first_after(&report, changed, "a connection to an added backend", |x| {
-        x == b.name || x == c.name
-    });
-    assert!(
-        ms < 1000.0,
-        "scaling up took {ms} ms to reach new connections"
-    );
-    println!("scaling up reached new connections after {ms:.1} ms");
-    let report = client.tcp_client(vip, 100);
-    let answers = expect_all_via(&report, vip, "after scaling up");
-    assert_eq!(
-        answers.keys().cloned().collect::<Vec<_>>(),
-        backends.names(),
-        "100 connects after scaling up to 3 backends"
-    );
-
-    // Scale down: a, b, c → c. The change is seen once no connection reaches a or b.
-    let changed = now_us();
-    node.resources().write("web.yaml", &web_ipv4(&[c]));
-    let report = poll(&c.name, "10");
-    expect_all_via(&report, vip, "while scaling down");
-    let results = &report.results;
-    assert!(
-        results.len() >= 10
-            && results[results.len() - 10..]
-                .iter()
-                .all(|r| r.answer.as_deref() == Some(&c.name)),
-        "after scaling down to {} connections kept reaching removed backends for 5 s; {}",
-        c.name,
-        report.summary()
-    );
-    let settled = results
-        .iter()
-        .rposition(|r| r.answer.as_deref() != Some(&c.name))
-        .map_or(results[0].at_us, |i| results[i + 1].at_us);
-    let ms = settled.saturating_sub(changed) as f64 / 1000.0;
-    assert!(
-        ms < 1000.0,
-        "scaling down took {ms} ms to stop reaching removed backends"
-    );
-    println!("scaling down stopped reaching removed backends after {ms:.1} ms");
-    let report = client.tcp_client(vip, 100);
-    let answers = expect_all_via(&report, vip, "after scaling down");
-    assert_eq!(
-        answers.keys().collect::<Vec<_>>(),
-        [&c.name],
-        "after scaling down to {} no connection may reach a removed backend",
-        c.name
-    );
+    scenario::scale_up_and_down(&node, node.resources(), || node.start_agent());
 }
 
 #[test]

@@ -7,10 +7,12 @@
 //! - `test-kernels` boots the kernels mycel supports under qemu and runs its kernel checks
 //!   in each (also part of `test`).
 //! - `demo` and `bench <name>` build the release binaries and run the demo or a benchmark.
+//! - `codegen` regenerates the files made from Rust types: the CRDs in `manifests/crds/`.
 
 #![forbid(unsafe_code)]
 
 mod cmd;
+mod codegen;
 mod kernels;
 mod readme;
 mod run;
@@ -53,6 +55,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Regenerate the CRDs in manifests/crds/ from the Rust types in api/ (a test fails
+    /// when they are stale).
+    Codegen,
 }
 
 fn main() -> ExitCode {
@@ -92,5 +97,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             name: Some(name),
             args,
         } => run::bench(&ctx, &name, &args),
+        Command::Codegen => {
+            codegen::run(&ctx)?;
+            Ok(0)
+        }
     }
 }

@@ -18,6 +18,16 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Serialize};
 
+// The AuthorizationPolicy types are mycel-api's, so that the file source, the Kubernetes
+// source and the CRD the API server checks all read a policy the same way.
+pub use mycel_api::{
+    POLICY_API_VERSION, POLICY_KIND,
+    policy::{
+        AuthorizationPolicy, AuthorizationPolicySpec, Condition, OperationSpec, PortValue,
+        RuleFrom, RuleSpec, RuleTo, SourceSpec, WorkloadSelector,
+    },
+};
+
 use super::{Error, Location, Problem};
 use crate::state::{
     self, Affinity, Kind, Meta, ObjectRef, Protocol,
@@ -28,10 +38,6 @@ use crate::state::{
 pub const WORKLOAD_API_VERSION: &str = "mycel.dev/v1alpha1";
 /// `kind` of [`Workload`].
 pub const WORKLOAD_KIND: &str = "Workload";
-/// `apiVersion` of [`AuthorizationPolicy`].
-pub const POLICY_API_VERSION: &str = "mycel.dev/v1alpha1";
-/// `kind` of [`AuthorizationPolicy`].
-pub const POLICY_KIND: &str = "AuthorizationPolicy";
 /// The label that names an EndpointSlice's Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The namespace of objects that name none, as in Kubernetes.
@@ -84,168 +90,6 @@ pub struct WorkloadSpec {
     /// The workload's cgroup (v2) directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
-}
-
-/// mycel's `AuthorizationPolicy` (`mycel.dev/v1alpha1`), with the fields of Istio's
-/// `security.istio.io/v1` AuthorizationPolicy (same names, same meaning; see
-/// [`state::policy`] for what the kernel can enforce).
-///
-/// ```yaml
-/// apiVersion: mycel.dev/v1alpha1
-/// kind: AuthorizationPolicy
-/// metadata: {name: web-from-frontend, namespace: shop}
-/// spec:
-///   selector: {matchLabels: {app: web}}
-///   action: ALLOW
-///   rules:
-///   - from:
-///     - source: {principals: [cluster.local/ns/shop/sa/frontend]}
-///     to:
-///     - operation: {ports: ["8080"]}
-/// ```
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AuthorizationPolicy {
-    /// [`POLICY_API_VERSION`].
-    pub api_version: String,
-    /// [`POLICY_KIND`].
-    pub kind: String,
-    /// Name, namespace (default `default`); other fields are ignored.
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: AuthorizationPolicySpec,
-}
-
-/// The `spec` of an [`AuthorizationPolicy`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthorizationPolicySpec {
-    /// The workloads of the namespace the policy applies to; absent: all of them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<WorkloadSelector>,
-    /// `ALLOW` (the default) or `DENY`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub action: Option<String>,
-    /// Absent or empty: the policy matches nothing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rules: Option<Vec<RuleSpec>>,
-}
-
-/// `spec.selector`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct WorkloadSelector {
-    #[serde(default)]
-    pub match_labels: BTreeMap<String, String>,
-}
-
-/// `spec.rules[]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RuleSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<Vec<RuleFrom>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to: Option<Vec<RuleTo>>,
-    /// Conditions; HTTP-level for mycel's purposes (see [`state::policy`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub when: Option<Vec<Condition>>,
-}
-
-/// `spec.rules[].from[]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RuleFrom {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<SourceSpec>,
-}
-
-/// `spec.rules[].to[]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RuleTo {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub operation: Option<OperationSpec>,
-}
-
-/// `spec.rules[].from[].source`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SourceSpec {
-    /// `cluster.local/ns/<ns>/sa/<sa>` (optionally with `spiffe://`); `*`, `prefix*`,
-    /// `*suffix`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub principals: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_principals: Option<Vec<String>>,
-    /// HTTP-level (JWT).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_principals: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_request_principals: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespaces: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_namespaces: Option<Vec<String>>,
-    /// Addresses or CIDRs of the peer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip_blocks: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_ip_blocks: Option<Vec<String>>,
-    /// HTTP-level (`X-Forwarded-For`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remote_ip_blocks: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_remote_ip_blocks: Option<Vec<String>>,
-    /// `<namespace>/<name>`, or `<name>` in the policy's namespace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service_accounts: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_service_accounts: Option<Vec<String>>,
-}
-
-/// `spec.rules[].to[].operation`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct OperationSpec {
-    /// Destination ports, as strings (Istio) or numbers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<PortValue>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_ports: Option<Vec<PortValue>>,
-    /// HTTP-level.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hosts: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_hosts: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub methods: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_methods: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub paths: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_paths: Option<Vec<String>>,
-}
-
-/// `spec.rules[].when[]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Condition {
-    pub key: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub values: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_values: Option<Vec<String>>,
-}
-
-/// A port as Istio writes it (a string of digits) or as a number.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum PortValue {
-    Number(i64),
-    Text(String),
 }
 
 /// Collects the problems of one object.
