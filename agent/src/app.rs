@@ -169,6 +169,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tc_pending: BTreeSet::new(),
         flow_reader,
         flow_events_dropped: 0,
+        owners_published: Default::default(),
     };
     agent.publish();
 
@@ -229,6 +230,8 @@ struct Agent {
     flow_reader: datapath::FlowReader,
     /// `flow_reader.dropped()` already counted in the metrics.
     flow_events_dropped: u64,
+    /// The owners version last published for `/debug/services`.
+    owners_published: std::cell::Cell<Option<u64>>,
 }
 
 /// ifindexes with pinned TC links under the agent's bpffs directory (an earlier agent's
@@ -513,8 +516,13 @@ impl Agent {
             s.errors_current = standing;
             s.last_error = self.last_error.clone();
         }
-        if let Ok(mut o) = self.shared.owners.write() {
+        // Rebuilding the owners costs a copy of every service's name: only when they change.
+        let version = self.datapath.services.owners_version();
+        if self.owners_published.get() != Some(version)
+            && let Ok(mut o) = self.shared.owners.write()
+        {
             *o = self.datapath.services.owners();
+            self.owners_published.set(Some(version));
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod datapath;
 pub mod discovery;
 pub mod flows;
+pub mod identity;
 pub mod metrics;
 pub mod source;
 pub mod state;

@@ -17,6 +17,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "datapath",
         "TC policy and flow programs: ns per packet by number of rules, connection cost, policy propagation",
     ),
+    (
+        "controlplane",
+        "the Kubernetes source at scale: time to ready, memory, EndpointSlice change → map latency",
+    ),
 ];
 
 /// Runs the demo; needs root.

@@ -60,6 +60,9 @@ pub struct ServiceMaps {
     programmed: HashMap<ServiceKey, Programmed>,
     used_ids: BTreeSet<u32>,
     next_id: u32,
+    /// Bumped whenever a frontend appears, goes, or changes owner: [`ServiceMaps::owners`]
+    /// is rebuilt only then (backend changes, by far the most frequent, leave it alone).
+    owners_version: u64,
 }
 
 /// One undoable write.
@@ -87,6 +90,7 @@ impl ServiceMaps {
             programmed: HashMap::new(),
             used_ids: BTreeSet::new(),
             next_id: 1,
+            owners_version: 0,
         };
         maps.read_back()?;
         Ok(maps)
@@ -122,6 +126,7 @@ impl ServiceMaps {
         }
         self.used_ids = programmed.values().map(|p| p.id).collect();
         self.programmed = programmed;
+        self.owners_version += 1;
         debug!(
             frontends = self.programmed.len(),
             "read back pinned service maps"
@@ -216,8 +221,11 @@ impl ServiceMaps {
             .as_ref()
             .is_some_and(|p| p.slots == slots && p.flags == flags)
         {
-            if let Some(p) = self.programmed.get_mut(&key) {
+            if let Some(p) = self.programmed.get_mut(&key)
+                && p.owner != owner
+            {
                 p.owner = owner;
+                self.owners_version += 1;
             }
             return Ok(());
         }
@@ -230,6 +238,9 @@ impl ServiceMaps {
         match result {
             Ok(()) => {
                 self.used_ids.insert(id);
+                if previous.as_ref().is_none_or(|p| p.owner != owner) {
+                    self.owners_version += 1;
+                }
                 self.programmed.insert(
                     key,
                     Programmed {
@@ -369,6 +380,7 @@ impl ServiceMaps {
         }
         stats.map_deletes += 1;
         self.programmed.remove(key);
+        self.owners_version += 1;
         self.used_ids.remove(&p.id);
         if p.flags & SVC_FLAG_AFFINITY != 0 {
             let _ = self.maglev.remove(&p.id);
@@ -447,6 +459,11 @@ impl ServiceMaps {
     }
 
     /// The names this agent knows for frontends, for [`dump_pinned`].
+    /// Changes whenever [`ServiceMaps::owners`] would return something else.
+    pub fn owners_version(&self) -> u64 {
+        self.owners_version
+    }
+
     pub fn owners(&self) -> HashMap<ServiceKey, (ObjectRef, Option<String>)> {
         self.programmed
             .iter()

@@ -262,8 +262,10 @@ where
 /// What the merger holds of one object.
 #[derive(Debug, Default)]
 struct Entry {
-    /// The last version accepted (in force in the model).
-    good: Option<Resource>,
+    /// The model's key of the last version accepted (in force in the model). The source
+    /// keeps no copy of the object itself: the model holds it, and ignores an upsert equal
+    /// to what it holds, so a relist or a status write changes nothing downstream.
+    accepted: Option<ResourceKey>,
     /// The current version was rejected.
     rejected: bool,
     /// What was last reported about it, so that events that do not change it (its own
@@ -300,6 +302,10 @@ struct Merger {
     seen: Option<Instant>,
     /// The first complete state has been sent.
     synced: bool,
+    /// Before the first complete state: what it will hold.
+    initial: HashMap<ResourceKey, Resource>,
+    /// Objects whose current version is rejected.
+    rejected: usize,
     rejected_reported: usize,
 }
 
@@ -330,6 +336,8 @@ impl Merger {
             deletes: Vec::new(),
             seen: None,
             synced: false,
+            initial: HashMap::new(),
+            rejected: 0,
             rejected_reported: 0,
         }
     }
@@ -476,14 +484,18 @@ impl Merger {
         let entry = self.entries.entry((what, id)).or_default();
         match result {
             Ok(resource) => {
+                if entry.rejected {
+                    self.rejected -= 1;
+                }
                 entry.rejected = false;
                 entry.reported.clear();
-                if entry.good.as_ref() != Some(&resource) {
-                    entry.good = Some(resource.clone());
-                    self.upserts.push(resource);
-                }
+                entry.accepted = Some(resource.key());
+                self.push(resource);
             }
             Err(errors) => {
+                if !entry.rejected {
+                    self.rejected += 1;
+                }
                 entry.rejected = true;
                 let texts: Vec<String> = errors.iter().map(ToString::to_string).collect();
                 if texts != entry.reported {
@@ -496,11 +508,27 @@ impl Merger {
         }
     }
 
+    /// Queues an accepted object for the model.
+    fn push(&mut self, resource: Resource) {
+        if self.synced {
+            self.upserts.push(resource);
+        } else {
+            self.initial.insert(resource.key(), resource);
+        }
+    }
+
     fn delete(&mut self, what: Watched, id: &ObjectRef) {
-        if let Some(entry) = self.entries.remove(&(what, id.clone()))
-            && let Some(good) = entry.good
-        {
-            self.deletes.push(good.key());
+        if let Some(entry) = self.entries.remove(&(what, id.clone())) {
+            if entry.rejected {
+                self.rejected -= 1;
+            }
+            if let Some(key) = entry.accepted {
+                if self.synced {
+                    self.deletes.push(key);
+                } else {
+                    self.initial.remove(&key);
+                }
+            }
         }
         match what {
             Watched::Pod => {
@@ -581,11 +609,12 @@ impl Merger {
             self.discover(&mut local).await;
             if local.interface.is_some() {
                 let workload = Resource::Workload(local.workload());
-                if let Some(entry) = self.entries.get_mut(&(Watched::Pod, id.clone()))
-                    && !entry.rejected
+                if self
+                    .entries
+                    .get(&(Watched::Pod, id.clone()))
+                    .is_some_and(|e| !e.rejected && e.accepted.is_some())
                 {
-                    entry.good = Some(workload.clone());
-                    self.upserts.push(workload);
+                    self.push(workload);
                 }
             }
             self.local.insert(id, local);
@@ -608,11 +637,7 @@ impl Merger {
             Some(state::Update {
                 seen: self.seen.take().unwrap_or_else(Instant::now),
                 full: true,
-                upserts: self
-                    .entries
-                    .values()
-                    .filter_map(|e| e.good.clone())
-                    .collect(),
+                upserts: std::mem::take(&mut self.initial).into_values().collect(),
                 deletes: Vec::new(),
             })
         } else if self.upserts.is_empty() && self.deletes.is_empty() {
@@ -638,7 +663,7 @@ impl Merger {
                 return false;
             }
         }
-        let rejected = self.entries.values().filter(|e| e.rejected).count();
+        let rejected = self.rejected;
         if rejected != self.rejected_reported {
             self.rejected_reported = rejected;
             if self

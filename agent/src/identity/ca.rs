@@ -1,0 +1,818 @@
+//! The certificate authority, trust bundles and the certificates (SVIDs) the CA issues.
+//!
+//! Standalone, the agent creates its CA on first start and keeps it in a directory; in
+//! Kubernetes the CA certificate and key come from a Secret mounted as files. Either way
+//! the CA signs short-lived X.509 SVIDs: one URI SAN holding the SPIFFE ID and nothing
+//! else, as the X.509-SVID specification and Istio's ztunnel expect.
+
+use std::{
+    fmt,
+    fs::{self, DirBuilder, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, string::Ia5String,
+};
+use rustls::{
+    RootCertStore,
+    pki_types::{
+        CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+        pem::{self, PemObject},
+    },
+};
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
+
+use super::{Error, SpiffeId, spiffe::check_trust_domain};
+
+/// The CA certificate's file name in the standalone CA directory.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// The CA key's file name in the standalone CA directory (mode 0600).
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// How far back `notBefore` is set, so that a peer whose clock is a little behind ours
+/// accepts a certificate issued a moment ago.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+/// Lifetime of a CA the agent creates: ten years (and three leap days).
+const CA_LIFETIME: Duration = Duration::from_secs((10 * 365 + 3) * 24 * 60 * 60);
+
+/// A certificate authority: its certificate and the key that signs SVIDs.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA's own certificate.
+    cert: CertificateDer<'static>,
+    /// Certificates above the CA when it is an intermediate (the rest of the PEM it was
+    /// loaded from); sent after the CA certificate so peers can build the chain.
+    parents: Vec<CertificateDer<'static>>,
+    not_after: SystemTime,
+    /// Where the CA came from, for messages.
+    origin: String,
+}
+
+impl fmt::Debug for Ca {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The key stays out of logs.
+        f.debug_struct("Ca")
+            .field("origin", &self.origin)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// A new self-signed CA for `trust_domain`: ECDSA P-256, `CA:true` with path length 0
+    /// (it signs workload certificates only), valid for ten years from `now`.
+    pub fn generate(trust_domain: &str, now: SystemTime) -> Result<Ca, Error> {
+        check_trust_domain(trust_domain)?;
+        let sign_err = |source| Error::Sign {
+            what: format!("creating a CA for the trust domain {trust_domain:?}"),
+            source,
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::OrganizationName, trust_domain);
+        name.push(DnType::CommonName, format!("mycel CA for {trust_domain}"));
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.serial_number = Some(random_serial(trust_domain)?);
+        params.not_before = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(now, "now")?;
+        params.not_after =
+            rcgen::date_time_ymd(1970, 1, 1) + since_epoch(now, "now")? + CA_LIFETIME;
+        let cert = params.self_signed(&key).map_err(sign_err)?;
+        let cert = cert.der().clone();
+        let origin = format!("new CA for {trust_domain}");
+        let not_after = validity(&cert, &origin)?.1;
+        Ok(Ca {
+            issuer: Issuer::new(params, key),
+            cert,
+            parents: Vec::new(),
+            not_after,
+            origin,
+        })
+    }
+
+    /// The standalone CA kept in `dir`: loads [`CA_CERT_FILE`] and [`CA_KEY_FILE`], or
+    /// creates both (directory 0700, key 0600) when neither exists. A file that exists but
+    /// cannot be used, or one file without the other, is an error naming the file; nothing
+    /// is overwritten, since a new CA would invalidate every certificate issued so far.
+    pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Ca, Error> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        match (exists(&cert_path)?, exists(&key_path)?) {
+            (true, true) => {
+                let cert_pem = read(&cert_path)?;
+                let key_pem = read(&key_path)?;
+                warn_if_readable_by_others(&key_path);
+                Ca::from_pem_files(
+                    &cert_pem,
+                    &cert_path.display().to_string(),
+                    &key_pem,
+                    &key_path.display().to_string(),
+                )
+            }
+            (true, false) => Err(Error::HalfWritten {
+                present: cert_path,
+                missing: key_path,
+            }),
+            (false, true) => Err(Error::HalfWritten {
+                present: key_path,
+                missing: cert_path,
+            }),
+            (false, false) => {
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|source| Error::Io {
+                        action: "creating the CA directory",
+                        path: dir.to_owned(),
+                        source,
+                    })?;
+                let mut ca = Ca::generate(trust_domain, SystemTime::now())?;
+                // The key first: if the agent stops between the two writes, the next start
+                // finds a key without a certificate and says so, instead of a certificate
+                // whose key is lost.
+                write_atomically(&key_path, ca.issuer.key().serialize_pem().as_bytes(), 0o600)?;
+                write_atomically(&cert_path, ca.cert_pem().as_bytes(), 0o644)?;
+                ca.origin = cert_path.display().to_string();
+                tracing::info!(dir = %dir.display(), %trust_domain, "created a new CA");
+                Ok(ca)
+            }
+        }
+    }
+
+    /// A CA from PEM text (in Kubernetes, the files of a mounted Secret). `cert_pem` holds
+    /// the CA certificate first, then optionally the certificates above it; `key_pem` its
+    /// private key (PKCS#8, SEC1 or PKCS#1). `origin` names the source in errors.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8], origin: &str) -> Result<Ca, Error> {
+        Ca::from_pem_files(
+            cert_pem,
+            &format!("{origin} (certificate)"),
+            key_pem,
+            &format!("{origin} (key)"),
+        )
+    }
+
+    fn from_pem_files(
+        cert_pem: &[u8],
+        cert_origin: &str,
+        key_pem: &[u8],
+        key_origin: &str,
+    ) -> Result<Ca, Error> {
+        let mut certs = parse_certificates(cert_pem, cert_origin)?.into_iter();
+        let cert = certs.next().ok_or_else(|| Error::Pem {
+            origin: cert_origin.to_owned(),
+            reason: "no certificate in the file".to_owned(),
+        })?;
+        let parents: Vec<_> = certs.collect();
+        let key_text = std::str::from_utf8(key_pem).map_err(|_| Error::Pem {
+            origin: key_origin.to_owned(),
+            reason: "not PEM text (not UTF-8)".to_owned(),
+        })?;
+        let key = KeyPair::from_pem(key_text).map_err(|e| Error::Pem {
+            origin: key_origin.to_owned(),
+            reason: format!("not a usable private key: {e}"),
+        })?;
+
+        let (_, parsed) = X509Certificate::from_der(&cert).map_err(|e| Error::Certificate {
+            origin: cert_origin.to_owned(),
+            reason: format!("not an X.509 certificate: {e}"),
+        })?;
+        let is_ca = parsed
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .is_some_and(|bc| bc.value.ca);
+        if !is_ca {
+            return Err(Error::Certificate {
+                origin: cert_origin.to_owned(),
+                reason: "not a CA certificate (basic constraints without CA:true)".to_owned(),
+            });
+        }
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(Error::Certificate {
+                origin: cert_origin.to_owned(),
+                reason: format!("the key in {key_origin} does not belong to this certificate"),
+            });
+        }
+        let not_after = validity(&cert, cert_origin)?.1;
+        if not_after < SystemTime::now() {
+            tracing::warn!(origin = cert_origin, "the CA certificate has expired");
+        }
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| Error::Certificate {
+            origin: cert_origin.to_owned(),
+            reason: format!("cannot sign with this CA: {e}"),
+        })?;
+        Ok(Ca {
+            issuer,
+            cert,
+            parents,
+            not_after,
+            origin: cert_origin.to_owned(),
+        })
+    }
+
+    /// The CA's own certificate.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// The CA certificate in PEM.
+    pub fn cert_pem(&self) -> String {
+        to_pem(&self.cert)
+    }
+
+    /// When the CA certificate expires.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// Issues an SVID for `id`: a new ECDSA P-256 key; the SPIFFE ID as the only SAN;
+    /// usable for TLS servers and clients; valid from `now` minus [`CLOCK_SKEW`] to
+    /// `now + lifetime`, but never after the CA itself expires.
+    pub fn issue(&self, id: &SpiffeId, lifetime: Duration, now: SystemTime) -> Result<Svid, Error> {
+        self.issue_adjusted(id, lifetime, now, |_| {})
+    }
+
+    /// [`Ca::issue`] with the parameters changed by `adjust` before signing: tests make
+    /// certificates a correct CA would not (no URI SAN, another trust domain).
+    pub(super) fn issue_adjusted(
+        &self,
+        id: &SpiffeId,
+        lifetime: Duration,
+        now: SystemTime,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> Result<Svid, Error> {
+        let sign_err = |source| Error::Sign {
+            what: format!("issuing a certificate for {id}"),
+            source,
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
+        let uri = Ia5String::try_from(id.to_string()).map_err(sign_err)?;
+        let mut params = CertificateParams::default();
+        // An empty subject: the identity is the URI SAN alone (rcgen then marks the SAN
+        // extension critical, as RFC 5280 requires).
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial(&id.to_string())?);
+        let not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH);
+        // Rounded up to a whole second (certificates carry no fractions), so that the
+        // certificate is valid for at least `lifetime`.
+        let not_after = now
+            .checked_add(lifetime)
+            .and_then(round_up_to_second)
+            .map_or(self.not_after, |t| t.min(self.not_after));
+        params.not_before =
+            rcgen::date_time_ymd(1970, 1, 1) + since_epoch(not_before, "notBefore")?;
+        params.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(not_after, "notAfter")?;
+        adjust(&mut params);
+        let cert = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
+        let leaf = cert.der().clone();
+        let origin = format!("certificate for {id}");
+        let (not_before, not_after) = validity(&leaf, &origin)?;
+        let serial = serial_hex(&leaf, &origin)?;
+        let mut chain = vec![leaf, self.cert.clone()];
+        chain.extend(self.parents.iter().cloned());
+        Ok(Svid {
+            id: id.clone(),
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            not_before,
+            not_after,
+            serial,
+        })
+    }
+}
+
+/// The CA certificates a peer's chain may end at. During a CA rotation it holds the old
+/// and the new CA, so that certificates of both verify until the old ones have expired.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustBundle {
+    certs: Vec<CertificateDer<'static>>,
+}
+
+impl TrustBundle {
+    /// A bundle of the CA certificates in `pem` (one or more); `origin` names the source.
+    pub fn from_pem(pem: &[u8], origin: &str) -> Result<TrustBundle, Error> {
+        let certs = parse_certificates(pem, origin)?;
+        if certs.is_empty() {
+            return Err(Error::Pem {
+                origin: origin.to_owned(),
+                reason: "no certificate in the trust bundle".to_owned(),
+            });
+        }
+        let mut bundle = TrustBundle::default();
+        for cert in certs {
+            bundle.add(cert, origin)?;
+        }
+        Ok(bundle)
+    }
+
+    /// The bundle in the PEM file at `path`.
+    pub fn from_file(path: &Path) -> Result<TrustBundle, Error> {
+        TrustBundle::from_pem(&read(path)?, &path.display().to_string())
+    }
+
+    /// Adds a CA certificate (once: a certificate already present is not added again).
+    pub fn add(&mut self, cert: CertificateDer<'static>, origin: &str) -> Result<(), Error> {
+        let (_, parsed) = X509Certificate::from_der(&cert).map_err(|e| Error::Certificate {
+            origin: origin.to_owned(),
+            reason: format!("not an X.509 certificate: {e}"),
+        })?;
+        let is_ca = parsed
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .is_some_and(|bc| bc.value.ca);
+        if !is_ca {
+            return Err(Error::Certificate {
+                origin: origin.to_owned(),
+                reason: format!(
+                    "{} is not a CA certificate and cannot be a trust anchor",
+                    parsed.subject()
+                ),
+            });
+        }
+        if !self.contains(&cert) {
+            self.certs.push(cert);
+        }
+        Ok(())
+    }
+
+    /// Whether `cert` is one of the bundle's CAs.
+    pub fn contains(&self, cert: &CertificateDer<'_>) -> bool {
+        self.certs.iter().any(|c| c.as_ref() == cert.as_ref())
+    }
+
+    /// The CA certificates.
+    pub fn certificates(&self) -> &[CertificateDer<'static>] {
+        &self.certs
+    }
+
+    /// The bundle as rustls trust anchors.
+    pub(crate) fn root_store(&self) -> Result<RootCertStore, Error> {
+        let mut roots = RootCertStore::empty();
+        for cert in &self.certs {
+            roots.add(cert.clone()).map_err(|source| Error::Tls {
+                id: "the trust bundle".to_owned(),
+                source,
+            })?;
+        }
+        Ok(roots)
+    }
+}
+
+/// An X.509 SVID: the certificate chain (leaf first, then the CA) and its private key.
+pub struct Svid {
+    id: SpiffeId,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    serial: String,
+}
+
+impl Clone for Svid {
+    fn clone(&self) -> Self {
+        Svid {
+            id: self.id.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            not_before: self.not_before,
+            not_after: self.not_after,
+            serial: self.serial.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Svid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The key stays out of logs.
+        f.debug_struct("Svid")
+            .field("id", &self.id)
+            .field("serial", &self.serial)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Svid {
+    /// The identity the certificate names.
+    pub fn id(&self) -> &SpiffeId {
+        &self.id
+    }
+
+    /// The chain to send to peers: leaf first, then the CA (and any certificates above it).
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The leaf certificate.
+    pub fn leaf(&self) -> &CertificateDer<'static> {
+        // `issue` always builds the chain with the leaf first.
+        &self.chain[0]
+    }
+
+    /// The private key of the leaf certificate.
+    pub fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
+    /// The start of the validity period (already moved back by [`CLOCK_SKEW`]).
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    /// The end of the validity period.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// The serial number, in lowercase hexadecimal.
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    /// The chain in PEM, leaf first.
+    pub fn chain_pem(&self) -> String {
+        self.chain.iter().map(to_pem).collect()
+    }
+}
+
+fn to_pem(cert: &CertificateDer<'_>) -> String {
+    // Lines of 64 characters, as RFC 7468 asks.
+    let mut out = String::new();
+    out.push_str("-----BEGIN CERTIFICATE-----\n");
+    let b64 = base64_encode(cert.as_ref());
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// Standard base64 with padding (RFC 4648), for PEM output.
+fn base64_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Every certificate in `pem`, with errors naming `origin`. Other sections (keys,
+/// parameters) are skipped, so a combined file works.
+fn parse_certificates(pem: &[u8], origin: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, pem::Error>>()
+        .map_err(|e| Error::Pem {
+            origin: origin.to_owned(),
+            reason: format!("malformed PEM: {e}"),
+        })
+}
+
+/// (notBefore, notAfter) of a DER certificate.
+fn validity(cert: &CertificateDer<'_>, origin: &str) -> Result<(SystemTime, SystemTime), Error> {
+    let (_, parsed) = X509Certificate::from_der(cert).map_err(|e| Error::Certificate {
+        origin: origin.to_owned(),
+        reason: format!("not an X.509 certificate: {e}"),
+    })?;
+    let time = |t: i64| {
+        u64::try_from(t)
+            .ok()
+            .map(|secs| UNIX_EPOCH + Duration::from_secs(secs))
+            .ok_or_else(|| Error::Certificate {
+                origin: origin.to_owned(),
+                reason: "validity before 1970".to_owned(),
+            })
+    };
+    Ok((
+        time(parsed.validity().not_before.timestamp())?,
+        time(parsed.validity().not_after.timestamp())?,
+    ))
+}
+
+fn serial_hex(cert: &CertificateDer<'_>, origin: &str) -> Result<String, Error> {
+    let (_, parsed) = X509Certificate::from_der(cert).map_err(|e| Error::Certificate {
+        origin: origin.to_owned(),
+        reason: format!("not an X.509 certificate: {e}"),
+    })?;
+    Ok(parsed
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// A random positive 128-bit serial number (RFC 5280 asks for unique serials; random ones
+/// need no state across restarts).
+fn random_serial(what: &str) -> Result<SerialNumber, Error> {
+    let mut bytes = [0u8; 16];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| Error::Certificate {
+            origin: what.to_owned(),
+            reason: "the system random number generator failed".to_owned(),
+        })?;
+    // Positive, and at least 1 in the top byte so the DER length is always 16.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn round_up_to_second(t: SystemTime) -> Option<SystemTime> {
+    let nanos = t.duration_since(UNIX_EPOCH).ok()?.subsec_nanos();
+    if nanos == 0 {
+        Some(t)
+    } else {
+        t.checked_add(Duration::from_nanos(u64::from(1_000_000_000 - nanos)))
+    }
+}
+
+fn since_epoch(t: SystemTime, what: &str) -> Result<Duration, Error> {
+    t.duration_since(UNIX_EPOCH)
+        .map_err(|_| Error::Certificate {
+            origin: what.to_owned(),
+            reason: "time before 1970".to_owned(),
+        })
+}
+
+fn exists(path: &Path) -> Result<bool, Error> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(Error::Io {
+            action: "checking",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    fs::read(path).map_err(|source| Error::Io {
+        action: "reading",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn warn_if_readable_by_others(path: &Path) {
+    if let Ok(meta) = fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the CA key is readable by other users: chmod 600 it"
+        );
+    }
+}
+
+/// Writes `contents` to a temporary file next to `path`, flushes it to disk and renames it
+/// over `path`, so that `path` holds either nothing or the whole file, never a part.
+fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
+    let io_err = |action, path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp: PathBuf = path.with_file_name(format!(".{}.tmp", file_name.unwrap_or_default()));
+    // A temporary file left by an interrupted start may have another mode; `mode` below
+    // only applies to a file being created.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("removing", &tmp)(e)),
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err("creating", &tmp))?;
+    file.write_all(contents).map_err(io_err("writing", &tmp))?;
+    file.sync_all().map_err(io_err("flushing", &tmp))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(io_err("renaming into place", path))?;
+    if let Some(dir) = path.parent() {
+        // The rename itself reaches the disk only when the directory is flushed.
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("flushing", dir))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", ns, sa).expect("valid id")
+    }
+
+    #[test]
+    fn load_or_create_creates_private_files_and_loads_them_again() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("ca");
+        let first = Ca::load_or_create(&dir, "cluster.local").expect("creates");
+        let key_mode = fs::metadata(dir.join(CA_KEY_FILE))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(key_mode & 0o777, 0o600, "key mode {key_mode:o}");
+        let dir_mode = fs::metadata(&dir).expect("dir").permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700, "dir mode {dir_mode:o}");
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+
+        let second = Ca::load_or_create(&dir, "cluster.local").expect("loads");
+        assert_eq!(first.certificate(), second.certificate(), "same CA");
+        // The loaded key signs certificates that chain to the stored certificate.
+        let svid = second
+            .issue(&id("a", "b"), Duration::from_secs(60), SystemTime::now())
+            .expect("issues");
+        assert_eq!(svid.chain()[1], *first.certificate());
+
+        let parsed = X509Certificate::from_der(first.certificate())
+            .expect("parses")
+            .1;
+        let subject = parsed.subject().to_string();
+        assert!(
+            subject.contains("mycel") && subject.contains("cluster.local"),
+            "{subject}"
+        );
+        let bc = parsed
+            .basic_constraints()
+            .expect("one")
+            .expect("present")
+            .value;
+        assert!(bc.ca);
+        assert_eq!(bc.path_len_constraint, Some(0));
+        let ku = parsed.key_usage().expect("one").expect("present").value;
+        assert!(ku.key_cert_sign() && ku.crl_sign() && !ku.digital_signature());
+        let (nb, na) = validity(first.certificate(), "ca").expect("validity");
+        let years = na.duration_since(nb).expect("ordered").as_secs() / (365 * 24 * 3600);
+        assert_eq!(years, 10);
+    }
+
+    #[test]
+    fn corrupt_or_half_written_files_are_reported_and_kept() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        Ca::load_or_create(dir, "cluster.local").expect("creates");
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+
+        let garbage = b"-----BEGIN CERTIFICATE-----\nnot base64!\n";
+        fs::write(&cert_path, garbage).expect("write");
+        let e = Ca::load_or_create(dir, "cluster.local").expect_err("corrupt certificate");
+        assert!(e.to_string().contains(CA_CERT_FILE), "{e}");
+        assert_eq!(
+            fs::read(&cert_path).expect("read"),
+            garbage,
+            "left as it was"
+        );
+
+        let key_before = fs::read(&key_path).expect("read");
+        fs::write(&key_path, b"").expect("truncate");
+        fs::remove_file(&cert_path).expect("remove");
+        let e = Ca::load_or_create(dir, "cluster.local").expect_err("half written");
+        assert!(matches!(e, Error::HalfWritten { .. }), "{e}");
+        assert!(e.to_string().contains(CA_KEY_FILE), "{e}");
+        assert!(!cert_path.exists(), "no certificate was created");
+        assert!(!key_before.is_empty());
+
+        // A key that does not belong to the certificate.
+        let other = Ca::generate("cluster.local", SystemTime::now()).expect("ca");
+        fs::write(&cert_path, other.cert_pem()).expect("write");
+        fs::write(&key_path, &key_before).expect("write");
+        let e = Ca::load_or_create(dir, "cluster.local").expect_err("mismatch");
+        assert!(e.to_string().contains("does not belong"), "{e}");
+        assert_eq!(
+            fs::read(&cert_path).expect("read"),
+            other.cert_pem().as_bytes()
+        );
+    }
+
+    #[test]
+    fn from_pem_rejects_a_leaf_as_ca() {
+        let ca = Ca::generate("cluster.local", SystemTime::now()).expect("ca");
+        let svid = ca
+            .issue(&id("a", "b"), Duration::from_secs(60), SystemTime::now())
+            .expect("svid");
+        let key_pem = pem_of_key(svid.key());
+        let e = Ca::from_pem(
+            svid.chain_pem().as_bytes(),
+            key_pem.as_bytes(),
+            "secret mycel-ca",
+        )
+        .expect_err("a leaf is not a CA");
+        assert!(
+            e.to_string().contains("secret mycel-ca") && e.to_string().contains("not a CA"),
+            "{e}"
+        );
+        let bundle = TrustBundle::from_pem(svid.chain_pem().as_bytes(), "bundle.pem");
+        assert!(bundle.is_err(), "a leaf is not a trust anchor");
+    }
+
+    #[test]
+    fn svid_has_the_expected_shape() {
+        let ca = Ca::generate("cluster.local", SystemTime::now()).expect("ca");
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let svid = ca
+            .issue(&id("ns1", "sa1"), Duration::from_secs(3600), now)
+            .expect("svid");
+        assert_eq!(svid.not_before(), now - CLOCK_SKEW);
+        assert_eq!(svid.not_after(), now + Duration::from_secs(3600));
+        assert_eq!(svid.serial().len(), 32);
+        let cert = X509Certificate::from_der(svid.leaf()).expect("parses").1;
+        let san = cert
+            .subject_alternative_name()
+            .expect("one")
+            .expect("present");
+        assert!(san.critical, "empty subject, so the SAN is critical");
+        assert_eq!(san.value.general_names.len(), 1);
+        assert_eq!(
+            san.value.general_names[0],
+            x509_parser::extensions::GeneralName::URI("spiffe://cluster.local/ns/ns1/sa/sa1")
+        );
+        let eku = cert
+            .extended_key_usage()
+            .expect("one")
+            .expect("present")
+            .value;
+        assert!(eku.server_auth && eku.client_auth);
+        let ku = cert.key_usage().expect("one").expect("present").value;
+        assert!(ku.digital_signature() && ku.key_encipherment() && !ku.key_cert_sign());
+        assert!(!cert.is_ca());
+        // A second certificate for the same identity has another serial and key.
+        let again = ca
+            .issue(&id("ns1", "sa1"), Duration::from_secs(3600), now)
+            .expect("svid");
+        assert_ne!(again.serial(), svid.serial());
+
+        // A PEM round trip through the bundle parser.
+        let bundle = TrustBundle::from_pem(
+            format!("{}{}", ca.cert_pem(), ca.cert_pem()).as_bytes(),
+            "bundle",
+        )
+        .expect("bundle");
+        assert_eq!(
+            bundle.certificates(),
+            &[ca.certificate().clone()],
+            "deduplicated"
+        );
+    }
+
+    fn pem_of_key(key: &PrivateKeyDer<'_>) -> String {
+        let der = match key {
+            PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der(),
+            _ => panic!("issue() returns PKCS#8 keys"),
+        };
+        format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            base64_encode(der)
+        )
+    }
+}

@@ -1,0 +1,506 @@
+//! The certificates of the node's workloads, renewed in the background, and the TLS
+//! configurations that present them.
+//!
+//! A renewal swaps the certificate and the configurations built from it; connections
+//! established before keep their TLS session (rustls never re-reads a configuration after
+//! the handshake), so certificates rotate without dropping connections.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig, client::Resumption, crypto::CryptoProvider,
+    server::NoServerSessionStorage, version::TLS13,
+};
+use serde::{Serialize, Serializer};
+use tokio::{sync::Notify, task::JoinHandle, time::Instant};
+
+use super::{
+    Ca, Error, SpiffeId, Svid, TrustBundle,
+    spiffe::check_trust_domain,
+    verify::{SpiffeClientVerifier, SpiffeServerVerifier},
+};
+
+/// How long an SVID is valid when nothing else is configured.
+pub const DEFAULT_SVID_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+/// ALPN of HBONE: HTTP/2 over TLS.
+const ALPN_H2: &[u8] = b"h2";
+/// Wait before retrying a failed renewal (bounded by half the remaining validity).
+const RENEWAL_RETRY: Duration = Duration::from_secs(5);
+/// Client configurations cached per local identity (one per expected peer); the cache is
+/// emptied when it reaches this size, so a stream of distinct peers cannot grow it forever.
+const MAX_CLIENT_CONFIGS: usize = 1024;
+
+/// What `mycel status` shows about one certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CertInfo {
+    pub id: SpiffeId,
+    /// Seconds since the Unix epoch.
+    #[serde(serialize_with = "unix_seconds")]
+    pub not_before: SystemTime,
+    /// Seconds since the Unix epoch.
+    #[serde(serialize_with = "unix_seconds")]
+    pub not_after: SystemTime,
+    /// Lowercase hexadecimal.
+    pub serial: String,
+}
+
+fn unix_seconds<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
+
+/// The CA, the trust bundle and the SVIDs of the identities of local workloads. Cheap to
+/// clone: clones share everything.
+#[derive(Clone)]
+pub struct CertManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    trust_domain: String,
+    lifetime: Duration,
+    provider: Arc<CryptoProvider>,
+    /// Held only for short, synchronous updates; certificates are signed outside it.
+    state: RwLock<State>,
+    /// Wakes the renewal task when the set of certificates changes.
+    changed: Arc<Notify>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the renewal task see that the manager is gone and end.
+        self.changed.notify_waiters();
+    }
+}
+
+struct State {
+    ca: Arc<Ca>,
+    bundle: TrustBundle,
+    roots: Arc<RootCertStore>,
+    client_verifier: Arc<SpiffeClientVerifier>,
+    /// The identities the last `set_identities` asked for.
+    wanted: BTreeSet<SpiffeId>,
+    entries: BTreeMap<SpiffeId, Entry>,
+}
+
+struct Entry {
+    svid: Arc<Svid>,
+    renew_at: Instant,
+    server: Arc<ServerConfig>,
+    clients: HashMap<Option<SpiffeId>, Arc<ClientConfig>>,
+}
+
+impl fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertManager")
+            .field("trust_domain", &self.inner.trust_domain)
+            .field("lifetime", &self.inner.lifetime)
+            .field("certificates", &self.certificates())
+            .finish()
+    }
+}
+
+impl CertManager {
+    /// A manager that issues SVIDs valid for `svid_lifetime` from `ca`, for identities of
+    /// `trust_domain`, and trusts peers whose chain ends at a CA of `bundle` (to which the
+    /// CA's own certificate is added, so that the node's workloads trust each other).
+    pub fn new(
+        ca: Ca,
+        mut bundle: TrustBundle,
+        trust_domain: &str,
+        svid_lifetime: Duration,
+    ) -> Result<Self, Error> {
+        check_trust_domain(trust_domain)?;
+        if svid_lifetime < Duration::from_secs(1) {
+            return Err(Error::Certificate {
+                origin: "the SVID lifetime".to_owned(),
+                reason: format!("{svid_lifetime:?} is shorter than one second"),
+            });
+        }
+        // Explicitly the ring provider: no reliance on a process-wide default, which
+        // another part of the process (the Kubernetes client) may or may not install.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        bundle.add(ca.certificate().clone(), "the CA certificate")?;
+        let state = State::new(Arc::new(ca), bundle, &provider, trust_domain)?;
+        Ok(CertManager {
+            inner: Arc::new(Inner {
+                trust_domain: trust_domain.to_owned(),
+                lifetime: svid_lifetime,
+                provider,
+                state: RwLock::new(state),
+                changed: Arc::new(Notify::new()),
+            }),
+        })
+    }
+
+    /// The trust domain of the identities this manager issues and accepts.
+    pub fn trust_domain(&self) -> &str {
+        &self.inner.trust_domain
+    }
+
+    /// The trust bundle peers are verified against.
+    pub fn bundle(&self) -> TrustBundle {
+        self.read().bundle.clone()
+    }
+
+    /// Keeps SVIDs for exactly `ids`: issues one for each new identity and drops those no
+    /// longer listed. Every identity must be in the manager's trust domain. When issuing
+    /// fails for some identity the others are still handled, and the first error is
+    /// returned.
+    pub fn set_identities(&self, ids: &[SpiffeId]) -> Result<(), Error> {
+        for id in ids {
+            self.check_domain(id)?;
+        }
+        let (ca, missing) = {
+            let mut state = self.write();
+            state.wanted = ids.iter().cloned().collect();
+            state.entries.retain(|id, _| ids.contains(id));
+            let missing: Vec<SpiffeId> = ids
+                .iter()
+                .filter(|id| !state.entries.contains_key(id))
+                .cloned()
+                .collect();
+            (state.ca.clone(), missing)
+        };
+        let mut first_error = None;
+        for id in missing {
+            match self.issue(&ca, &id) {
+                Ok(svid) => self.install(&ca, svid, None),
+                Err(e) => {
+                    tracing::error!(%id, error = %e, "cannot issue a certificate");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.inner.changed.notify_waiters();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Replaces the CA and the trust bundle (a CA rotation) and reissues every SVID from
+    /// the new CA. Keep the old CA in `bundle` until certificates it issued have expired
+    /// everywhere, so that peers not yet rotated are still accepted.
+    pub fn set_trust(&self, ca: Ca, mut bundle: TrustBundle) -> Result<(), Error> {
+        bundle.add(ca.certificate().clone(), "the CA certificate")?;
+        let ca = Arc::new(ca);
+        let ids: Vec<SpiffeId> = {
+            let mut state = self.write();
+            let mut next = State::new(
+                ca.clone(),
+                bundle,
+                &self.inner.provider,
+                &self.inner.trust_domain,
+            )?;
+            next.entries = std::mem::take(&mut state.entries);
+            next.wanted = std::mem::take(&mut state.wanted);
+            *state = next;
+            state.entries.keys().cloned().collect()
+        };
+        let mut first_error = None;
+        for id in ids {
+            match self.issue(&ca, &id) {
+                // Replaces the old entry even though its serial is unknown here.
+                Ok(svid) => self.install(&ca, svid, None),
+                Err(e) => {
+                    tracing::error!(%id, error = %e, "cannot issue a certificate from the new CA");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.inner.changed.notify_waiters();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The current SVID of `id`, if a local workload has that identity.
+    pub fn svid(&self, id: &SpiffeId) -> Option<Arc<Svid>> {
+        self.read().entries.get(id).map(|e| e.svid.clone())
+    }
+
+    /// The TLS server configuration for connections to workloads of `local`: TLS 1.3,
+    /// ALPN `h2`, presents `local`'s SVID and requires a client certificate that chains to
+    /// the bundle and names a SPIFFE ID of our trust domain. `None` if no local workload
+    /// has that identity.
+    pub fn server_config(&self, local: &SpiffeId) -> Option<Arc<ServerConfig>> {
+        self.read().entries.get(local).map(|e| e.server.clone())
+    }
+
+    /// The TLS client configuration for connections from workloads of `local`: TLS 1.3,
+    /// ALPN `h2`, presents `local`'s SVID, and accepts a server whose chain ends at the
+    /// bundle and whose SPIFFE ID is `expected_peer` (any of our trust domain when
+    /// `None`). The server name given to the connector is not checked. `None` if no local
+    /// workload has the identity `local`, or the configuration cannot be built (logged).
+    pub fn client_config(
+        &self,
+        local: &SpiffeId,
+        expected_peer: Option<&SpiffeId>,
+    ) -> Option<Arc<ClientConfig>> {
+        let key = expected_peer.cloned();
+        let (svid, roots) = {
+            let state = self.read();
+            let entry = state.entries.get(local)?;
+            if let Some(config) = entry.clients.get(&key) {
+                return Some(config.clone());
+            }
+            (entry.svid.clone(), state.roots.clone())
+        };
+        let config = match client_config(
+            &self.inner.provider,
+            roots,
+            &self.inner.trust_domain,
+            key.clone(),
+            &svid,
+        ) {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::error!(id = %local, error = %e, "cannot build a TLS client configuration");
+                return None;
+            }
+        };
+        let mut state = self.write();
+        // Cache it only if the certificate was not renewed meanwhile.
+        if let Some(entry) = state.entries.get_mut(local)
+            && Arc::ptr_eq(&entry.svid, &svid)
+        {
+            if entry.clients.len() >= MAX_CLIENT_CONFIGS {
+                entry.clients.clear();
+            }
+            entry.clients.insert(key, config.clone());
+        }
+        Some(config)
+    }
+
+    /// Every certificate the manager holds, sorted by identity.
+    pub fn certificates(&self) -> Vec<CertInfo> {
+        self.read()
+            .entries
+            .values()
+            .map(|e| CertInfo {
+                id: e.svid.id().clone(),
+                not_before: e.svid.not_before(),
+                not_after: e.svid.not_after(),
+                serial: e.svid.serial().to_owned(),
+            })
+            .collect()
+    }
+
+    /// Starts the task that renews each SVID at half its lifetime. It ends when every
+    /// clone of the manager has been dropped (or when the handle is aborted).
+    pub fn spawn_renewal(&self) -> JoinHandle<()> {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let changed = self.inner.changed.clone();
+        tokio::spawn(async move {
+            loop {
+                // Registered before looking at the state, so a change made while this
+                // round runs wakes the next wait instead of being missed.
+                let notified = changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let next = match weak.upgrade() {
+                    Some(inner) => {
+                        let manager = CertManager { inner };
+                        manager.renew_due();
+                        manager.next_renewal()
+                    }
+                    None => return,
+                };
+                match next {
+                    Some(at) => {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(at) => {}
+                            () = &mut notified => {}
+                        }
+                    }
+                    None => notified.await,
+                }
+            }
+        })
+    }
+
+    /// Renews every SVID whose renewal time has come.
+    fn renew_due(&self) {
+        let now = Instant::now();
+        let (ca, due) = {
+            let state = self.read();
+            let due: Vec<(SpiffeId, Arc<Svid>)> = state
+                .entries
+                .iter()
+                .filter(|(_, e)| e.renew_at <= now)
+                .map(|(id, e)| (id.clone(), e.svid.clone()))
+                .collect();
+            (state.ca.clone(), due)
+        };
+        for (id, old) in due {
+            match self.issue(&ca, &id) {
+                Ok(svid) => {
+                    tracing::debug!(%id, serial = svid.serial(), "renewed the certificate");
+                    self.install(&ca, svid, Some(&old));
+                }
+                Err(e) => {
+                    let left = old
+                        .not_after()
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    let retry = RENEWAL_RETRY.min(left / 2).max(Duration::from_millis(100));
+                    tracing::error!(%id, error = %e, ?retry, "cannot renew the certificate");
+                    if let Some(entry) = self.write().entries.get_mut(&id) {
+                        entry.renew_at = Instant::now() + retry;
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_renewal(&self) -> Option<Instant> {
+        self.read().entries.values().map(|e| e.renew_at).min()
+    }
+
+    fn issue(&self, ca: &Ca, id: &SpiffeId) -> Result<Svid, Error> {
+        ca.issue(id, self.inner.lifetime, SystemTime::now())
+    }
+
+    /// Puts `svid` in place with fresh configurations. With `replaces`, only if the current
+    /// SVID is still that one (the identity may have been dropped or reissued meanwhile);
+    /// without, only if the identity is still wanted and the CA still current.
+    fn install(&self, ca: &Arc<Ca>, svid: Svid, replaces: Option<&Arc<Svid>>) {
+        let issued = SystemTime::now();
+        // Half of what is left of the lifetime: `notAfter` may have been capped by the
+        // CA's own expiry.
+        let half = svid.not_after().duration_since(issued).unwrap_or_default() / 2;
+        let id = svid.id().clone();
+        let mut state = self.write();
+        if !Arc::ptr_eq(&state.ca, ca) {
+            return;
+        }
+        let server = match server_config(&self.inner.provider, state.client_verifier.clone(), &svid)
+        {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::error!(%id, error = %e, "cannot build a TLS server configuration");
+                return;
+            }
+        };
+        let entry = Entry {
+            svid: Arc::new(svid),
+            renew_at: Instant::now() + half,
+            server,
+            clients: HashMap::new(),
+        };
+        match (state.entries.get_mut(&id), replaces) {
+            (Some(current), Some(old)) => {
+                if Arc::ptr_eq(&current.svid, old) {
+                    *current = entry;
+                }
+            }
+            (Some(current), None) => *current = entry,
+            (None, None) => {
+                // A later `set_identities` may have dropped the identity meanwhile.
+                if state.wanted.contains(&id) {
+                    state.entries.insert(id, entry);
+                }
+            }
+            (None, Some(_)) => {}
+        }
+    }
+
+    fn check_domain(&self, id: &SpiffeId) -> Result<(), Error> {
+        if id.trust_domain() != self.inner.trust_domain {
+            return Err(Error::WrongTrustDomain {
+                id: id.clone(),
+                expected: self.inner.trust_domain.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        // A panic while the lock was held leaves consistent data (every update replaces
+        // whole entries), so a poisoned lock is used as it is.
+        self.inner
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.inner
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl State {
+    fn new(
+        ca: Arc<Ca>,
+        bundle: TrustBundle,
+        provider: &Arc<CryptoProvider>,
+        trust_domain: &str,
+    ) -> Result<State, Error> {
+        let roots = Arc::new(bundle.root_store()?);
+        let client_verifier = Arc::new(SpiffeClientVerifier::new(
+            roots.clone(),
+            provider.clone(),
+            trust_domain,
+        )?);
+        Ok(State {
+            ca,
+            bundle,
+            roots,
+            client_verifier,
+            wanted: BTreeSet::new(),
+            entries: BTreeMap::new(),
+        })
+    }
+}
+
+pub(super) fn server_config(
+    provider: &Arc<CryptoProvider>,
+    verifier: Arc<SpiffeClientVerifier>,
+    svid: &Svid,
+) -> Result<Arc<ServerConfig>, Error> {
+    let tls_err = |source| Error::Tls {
+        id: svid.id().to_string(),
+        source,
+    };
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&TLS13])
+        .map_err(tls_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(svid.chain().to_vec(), svid.key().clone_key())
+        .map_err(tls_err)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: a resumed session skips the certificate checks, so the peer's
+    // identity would rest on an earlier handshake, perhaps with a certificate since
+    // expired or from a CA since removed from the bundle.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+pub(super) fn client_config(
+    provider: &Arc<CryptoProvider>,
+    roots: Arc<RootCertStore>,
+    trust_domain: &str,
+    expected: Option<SpiffeId>,
+    svid: &Svid,
+) -> Result<Arc<ClientConfig>, Error> {
+    let tls_err = |source| Error::Tls {
+        id: svid.id().to_string(),
+        source,
+    };
+    let verifier = SpiffeServerVerifier::new(roots, provider, trust_domain, expected);
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&TLS13])
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(svid.chain().to_vec(), svid.key().clone_key())
+        .map_err(tls_err)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // See `server_config`: every connection verifies the peer afresh.
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
