@@ -172,6 +172,17 @@ impl Watched {
         Watched::Policy,
     ];
 
+    /// The model's kind of the objects; namespaces are not in the model.
+    fn kind(self) -> Option<state::Kind> {
+        match self {
+            Watched::Service => Some(state::Kind::Service),
+            Watched::EndpointSlice => Some(state::Kind::EndpointSlice),
+            Watched::Pod => Some(state::Kind::Workload),
+            Watched::Policy => Some(state::Kind::AuthorizationPolicy),
+            Watched::Namespace => None,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Watched::Service => "services",
@@ -262,10 +273,10 @@ where
 /// What the merger holds of one object.
 #[derive(Debug, Default)]
 struct Entry {
-    /// The model's key of the last version accepted (in force in the model). The source
-    /// keeps no copy of the object itself: the model holds it, and ignores an upsert equal
-    /// to what it holds, so a relist or a status write changes nothing downstream.
-    accepted: Option<ResourceKey>,
+    /// A version was accepted (and is in force in the model). The source keeps no copy of
+    /// the object itself: the model holds it, and ignores an upsert equal to what it
+    /// holds, so a relist or a status write changes nothing downstream.
+    accepted: bool,
     /// The current version was rejected.
     rejected: bool,
     /// What was last reported about it, so that events that do not change it (its own
@@ -489,7 +500,7 @@ impl Merger {
                 }
                 entry.rejected = false;
                 entry.reported.clear();
-                entry.accepted = Some(resource.key());
+                entry.accepted = true;
                 self.push(resource);
             }
             Err(errors) => {
@@ -522,7 +533,13 @@ impl Merger {
             if entry.rejected {
                 self.rejected -= 1;
             }
-            if let Some(key) = entry.accepted {
+            if entry.accepted
+                && let Some(kind) = what.kind()
+            {
+                let key = ResourceKey {
+                    kind,
+                    id: id.clone(),
+                };
                 if self.synced {
                     self.deletes.push(key);
                 } else {
@@ -612,7 +629,7 @@ impl Merger {
                 if self
                     .entries
                     .get(&(Watched::Pod, id.clone()))
-                    .is_some_and(|e| !e.rejected && e.accepted.is_some())
+                    .is_some_and(|e| !e.rejected && e.accepted)
                 {
                     self.push(workload);
                 }

@@ -15,6 +15,16 @@ use crate::state::{self, Kind, Meta, ObjectRef};
 /// The service account of pods that name none, as Kubernetes assigns it.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
+/// The labels kept of pods of other nodes: policies select only local workloads, so a
+/// remote pod's labels serve only to name it in flow metrics (as Istio's do). With tens of
+/// thousands of pods this is most of what a pod costs in memory.
+const REMOTE_LABELS: [&str; 4] = [
+    "app",
+    "app.kubernetes.io/name",
+    "version",
+    "app.kubernetes.io/version",
+];
+
 /// What the model needs of a pod, and what discovery needs to find it on the node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodWorkload {
@@ -97,11 +107,15 @@ pub fn pod(
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_owned());
     let local = spec.and_then(|s| s.node_name.as_deref()) == Some(node_name);
+    let mut labels = pod.metadata.labels.clone().unwrap_or_default();
+    if !local {
+        labels.retain(|k, _| REMOTE_LABELS.contains(&k.as_str()));
+    }
     Ok(Some(PodWorkload {
         workload: state::Workload {
             meta: Meta {
                 id: ObjectRef { namespace, name },
-                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                labels,
                 origin: location.origin.clone(),
             },
             addresses,
@@ -206,6 +220,17 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!remote.local, "a pod of another node is remote");
+        let mut p =
+            pod_json(serde_json::json!({"metadata": {"labels": {"pod-template-hash": "abc"}}}));
+        let local = pod(&p, "node-1", &location()).unwrap().unwrap();
+        assert!(local.workload.meta.labels.contains_key("pod-template-hash"));
+        p.spec.as_mut().unwrap().node_name = Some("node-2".into());
+        let remote = pod(&p, "node-1", &location()).unwrap().unwrap();
+        assert_eq!(
+            remote.workload.meta.labels.keys().collect::<Vec<_>>(),
+            ["app"],
+            "a remote pod keeps only the labels metrics name it by"
+        );
     }
 
     #[test]
