@@ -16,5 +16,6 @@ pub mod discovery;
 pub mod flows;
 pub mod identity;
 pub mod metrics;
+pub mod proxy;
 pub mod source;
 pub mod state;

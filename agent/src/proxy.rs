@@ -1,0 +1,195 @@
+//! The node proxy's HBONE tunnels: TCP carried in HTTP/2 CONNECT streams over mutual TLS.
+//!
+//! The wire format is the one Istio ambient's ztunnel speaks, so mycel nodes and ztunnel
+//! nodes can reach each other: the outer connection is TLS 1.3 with ALPN `h2`, addressed to
+//! the destination pod's IP on port 15008; each tunnelled TCP connection is one HTTP/2
+//! stream whose method is `CONNECT` and whose `:authority` is the destination `ip:port`;
+//! the server answers `200` and from then on the stream carries the raw bytes both ways.
+//! Ending the stream is a TCP half-close.
+//!
+//! - [`Inbound`] terminates tunnels: it presents the certificate of the destination
+//!   workload (chosen by the local address the connection arrived on), authenticates the
+//!   peer by its certificate, asks the [`Authorizer`] and connects to the local workload.
+//! - [`Outbound`] originates them: it presents the certificate of the client workload,
+//!   checks the server's identity and multiplexes many tunnels over pooled connections.
+//!
+//! Certificates and policy come from outside through the [`Tls`], [`Authorizer`] and
+//! [`LocalWorkloads`] traits, so this module knows nothing about how identities are issued
+//! or how policy is compiled.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use rustls::pki_types::CertificateDer;
+use serde::Serialize;
+
+mod authority;
+mod copy;
+mod drain;
+mod h2stream;
+mod inbound;
+mod metrics;
+mod outbound;
+#[cfg(test)]
+mod tests;
+
+pub use authority::{AuthorityError, HeadError, connect_target, parse_authority};
+pub use copy::CopyStats;
+pub use drain::DrainOutcome;
+pub use inbound::Inbound;
+pub use metrics::ProxyMetrics;
+pub use outbound::{Outbound, OutboundRequest};
+
+/// The ALPN protocol both ends of an HBONE connection must agree on.
+pub const ALPN_H2: &[u8] = b"h2";
+/// The port HBONE servers listen on, by convention of Istio ambient.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Default for [`Config::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for [`Config::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for [`Config::max_handshakes`].
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// Default for [`Config::max_streams_per_connection`].
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Default for [`Config::pool_idle_timeout`].
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Certificates of the local workloads and the verification of peers' certificates.
+///
+/// The identity manager implements it. The configs it returns carry the verifiers: a
+/// server config must require and verify a client certificate, a client config must verify
+/// the server's chain and, when `expected_peer` is given, that its SPIFFE identity is that
+/// one. The proxy sets ALPN `h2` itself when a config lacks it.
+pub trait Tls: Send + Sync + 'static {
+    /// Config presenting the certificate of the workload at `local_ip` and requiring a
+    /// client certificate; `None` when no workload with a certificate has that address.
+    fn server_config(&self, local_ip: IpAddr) -> Option<Arc<rustls::ServerConfig>>;
+    /// Config presenting the certificate of the workload at `src_ip`, expecting the server
+    /// to prove `expected_peer` (a SPIFFE URI) when given.
+    fn client_config(
+        &self,
+        src_ip: IpAddr,
+        expected_peer: Option<&str>,
+    ) -> Option<Arc<rustls::ClientConfig>>;
+    /// The authenticated identity (SPIFFE URI) of a verified peer certificate chain.
+    fn peer_identity(&self, certs: &[CertificateDer<'_>]) -> Result<String, String>;
+    /// The identity of the local workload at `ip`, used to label metrics.
+    fn workload_identity(&self, ip: IpAddr) -> Option<String>;
+}
+
+/// Decides whether an authenticated peer may reach a destination.
+pub trait Authorizer: Send + Sync + 'static {
+    /// `Err` carries the reason, which is logged.
+    fn allow(&self, peer: &str, dst: SocketAddr) -> Result<(), String>;
+}
+
+/// Tells which addresses belong to workloads on this node: tunnels may only end there,
+/// so the proxy cannot be used to reach arbitrary addresses with the node's network access.
+pub trait LocalWorkloads: Send + Sync + 'static {
+    /// Whether `ip` is the address of a workload running on this node.
+    fn is_local(&self, ip: IpAddr) -> bool;
+}
+
+/// Limits and timeouts of the proxy.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    /// Time allowed to open a TCP connection (to a workload or a remote HBONE server).
+    pub connect_timeout: Duration,
+    /// Time allowed for the TLS and HTTP/2 handshakes of one connection.
+    pub handshake_timeout: Duration,
+    /// Inbound connections whose handshakes run at once; more wait in the listen queue,
+    /// so clients that never finish a handshake cannot exhaust memory.
+    pub max_handshakes: usize,
+    /// Concurrent CONNECT streams per HTTP/2 connection, announced to clients.
+    pub max_streams_per_connection: u32,
+    /// A pooled outbound connection without tunnels closes after this long.
+    pub pool_idle_timeout: Duration,
+    /// A tunnel that carries no byte in either direction for this long is closed; `None`
+    /// keeps idle tunnels open, as plain TCP would.
+    pub tunnel_idle_timeout: Option<Duration>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            tunnel_idle_timeout: None,
+        }
+    }
+}
+
+/// Errors of one tunnel or connection; each names the peer or destination involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to {0} failed: {1}")]
+    Connect(SocketAddr, #[source] std::io::Error),
+    #[error("connecting to {0} timed out; is the address reachable?")]
+    ConnectTimeout(SocketAddr),
+    #[error("no certificate for the local workload at {0}; is it enrolled in the mesh?")]
+    NoCertificate(IpAddr),
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Tls {
+        peer: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("handshake with {0} timed out")]
+    HandshakeTimeout(SocketAddr),
+    #[error("{0} did not negotiate ALPN h2; is it an HBONE server?")]
+    Alpn(SocketAddr),
+    #[error("identity of {peer} not accepted: {reason}")]
+    PeerIdentity { peer: SocketAddr, reason: String },
+    #[error("{peer} proved identity {actual}, expected {expected}")]
+    UnexpectedPeer {
+        peer: SocketAddr,
+        expected: String,
+        actual: String,
+    },
+    #[error("HTTP/2 with {peer} failed: {source}")]
+    H2 {
+        peer: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("{peer} refused the tunnel to {dst} with status {status}")]
+    Refused {
+        peer: SocketAddr,
+        dst: SocketAddr,
+        status: u16,
+    },
+    #[error("tunnel to {dst} via {peer} failed: {source}")]
+    Tunnel {
+        peer: SocketAddr,
+        dst: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the proxy is draining and opens no new tunnels")]
+    Draining,
+}
+
+/// What a peer is known as in logs: its address and, once authenticated, its identity.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerName<'a> {
+    pub addr: SocketAddr,
+    pub identity: Option<&'a str>,
+}
+
+impl fmt::Display for PeerName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.identity {
+            Some(id) => write!(f, "{} ({id})", self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! The HBONE server: terminates tunnels addressed to local workloads.
+//!
+//! Per connection: TLS with the certificate of the workload whose address the connection
+//! arrived on, the peer's identity from its verified certificate (never from its address),
+//! then an HTTP/2 server. Per CONNECT stream: the authority must name a local workload,
+//! the [`Authorizer`] must allow the peer, the workload must accept a TCP connection; then
+//! `200` and bytes both ways. Every refusal is logged once and counted.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use hyper::{Request, Response, StatusCode};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    task::JoinHandle,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::{
+    ALPN_H2, Authorizer, Config, LocalWorkloads, PeerName, ProxyMetrics, Tls,
+    authority::connect_target,
+    copy::copy_bidirectional,
+    drain::{Drain, DrainOutcome, Watch},
+    h2stream::H2Stream,
+    metrics::{INBOUND, TcpLabels},
+};
+
+/// What an inbound connection needs, shared by all of them.
+struct Shared {
+    cfg: Config,
+    tls: Arc<dyn Tls>,
+    authz: Arc<dyn Authorizer>,
+    local: Arc<dyn LocalWorkloads>,
+    metrics: Arc<ProxyMetrics>,
+}
+
+/// A running HBONE server.
+#[derive(Debug)]
+pub struct Inbound {
+    addr: SocketAddr,
+    drain: Drain,
+    accept: JoinHandle<()>,
+}
+
+impl Inbound {
+    /// Serves HBONE on `listener` until [`Inbound::drain`].
+    pub fn spawn(
+        listener: TcpListener,
+        cfg: Config,
+        tls: Arc<dyn Tls>,
+        authz: Arc<dyn Authorizer>,
+        local: Arc<dyn LocalWorkloads>,
+        metrics: Arc<ProxyMetrics>,
+    ) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let (drain, watch) = Drain::new();
+        let shared = Arc::new(Shared {
+            cfg,
+            tls,
+            authz,
+            local,
+            metrics,
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared, watch));
+        Ok(Self {
+            addr,
+            drain,
+            accept,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting connections (the listener closes, so new ones are refused), tells
+    /// clients to open no new streams (GOAWAY), lets open tunnels finish for up to `grace`,
+    /// then closes the rest.
+    pub async fn drain(&self, grace: Duration) -> DrainOutcome {
+        let outcome = self.drain.drain(grace).await;
+        self.accept.abort();
+        outcome
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, watch: Watch) {
+    // Handshakes are the expensive, unauthenticated part: bound them. Connections beyond
+    // the bound wait in the kernel's listen queue until a handshake finishes or times out.
+    let handshakes = Arc::new(Semaphore::new(shared.cfg.max_handshakes.max(1)));
+    loop {
+        let permit = tokio::select! {
+            () = watch.draining() => break,
+            p = handshakes.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            () = watch.draining() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE or ECONNABORTED: transient, but do not spin.
+                warn!(error = %e, "inbound HBONE accept failed");
+                shared.metrics.failed(INBOUND, "accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let watch = watch.clone();
+        tokio::spawn(async move {
+            let conn = handshake(&shared, stream, peer);
+            let conn = tokio::select! {
+                c = conn => c,
+                () = watch.closed() => return,
+            };
+            drop(permit);
+            if let Some((tls, identity)) = conn {
+                serve_connection(shared, tls, peer, identity, watch).await;
+            }
+        });
+    }
+    debug!("inbound HBONE listener closed");
+}
+
+type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// TLS handshake and peer authentication; `None` when refused (already logged and counted).
+async fn handshake(
+    shared: &Shared,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(ServerTls, String)> {
+    let m = &shared.metrics;
+    let refuse = |reason: &'static str, detail: &dyn std::fmt::Display| {
+        info!(%peer, reason, %detail, "inbound HBONE connection refused");
+        m.failed(INBOUND, reason);
+    };
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            refuse("socket", &e);
+            return None;
+        }
+    };
+    let Some(config) = shared.tls.server_config(local.ip()) else {
+        refuse(
+            "no_certificate",
+            &format!("no workload certificate for {}", local.ip()),
+        );
+        return None;
+    };
+    let config = with_alpn(config);
+    let start = Instant::now();
+    let accepted = tokio::time::timeout(
+        shared.cfg.handshake_timeout,
+        TlsAcceptor::from(config).accept(stream),
+    )
+    .await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            m.handshake(INBOUND, "error");
+            refuse("tls_handshake", &e);
+            return None;
+        }
+        Err(_) => {
+            m.handshake(INBOUND, "timeout");
+            refuse("handshake_timeout", &"no TLS handshake in time");
+            return None;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    if conn.alpn_protocol() != Some(ALPN_H2) {
+        m.handshake(INBOUND, "error");
+        refuse("alpn", &"client did not negotiate h2");
+        return None;
+    }
+    let identity = match conn.peer_certificates() {
+        Some(certs) => shared.tls.peer_identity(certs),
+        None => Err("no client certificate".to_string()),
+    };
+    match identity {
+        Ok(id) => {
+            m.handshake(INBOUND, "ok");
+            m.handshake_seconds.observe(start.elapsed().as_secs_f64());
+            Some((tls, id))
+        }
+        Err(reason) => {
+            m.handshake(INBOUND, "error");
+            refuse("peer_identity", &reason);
+            None
+        }
+    }
+}
+
+/// Sets ALPN `h2` on a config that lacks it.
+pub(crate) fn with_alpn<T: Clone + AlpnConfig>(config: Arc<T>) -> Arc<T> {
+    if config.alpn().iter().any(|p| p == ALPN_H2) {
+        return config;
+    }
+    let mut c = (*config).clone();
+    c.set_alpn(vec![ALPN_H2.to_vec()]);
+    Arc::new(c)
+}
+
+/// The ALPN list of client and server configs alike.
+pub(crate) trait AlpnConfig {
+    fn alpn(&self) -> &[Vec<u8>];
+    fn set_alpn(&mut self, alpn: Vec<Vec<u8>>);
+}
+
+impl AlpnConfig for rustls::ServerConfig {
+    fn alpn(&self) -> &[Vec<u8>] {
+        &self.alpn_protocols
+    }
+    fn set_alpn(&mut self, alpn: Vec<Vec<u8>>) {
+        self.alpn_protocols = alpn;
+    }
+}
+
+impl AlpnConfig for rustls::ClientConfig {
+    fn alpn(&self) -> &[Vec<u8>] {
+        &self.alpn_protocols
+    }
+    fn set_alpn(&mut self, alpn: Vec<Vec<u8>>) {
+        self.alpn_protocols = alpn;
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    tls: ServerTls,
+    peer: SocketAddr,
+    identity: String,
+    watch: Watch,
+) {
+    let local_ip = tls.get_ref().0.local_addr().map(|a| a.ip()).ok();
+    let mut builder = h2::server::Builder::new();
+    builder.max_concurrent_streams(shared.cfg.max_streams_per_connection);
+    let name = PeerName {
+        addr: peer,
+        identity: Some(&identity),
+    };
+    let handshake = tokio::time::timeout(shared.cfg.handshake_timeout, builder.handshake(tls));
+    let mut conn = match handshake.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            info!(peer = %name, error = %e, "inbound HTTP/2 handshake failed");
+            shared.metrics.failed(INBOUND, "h2_handshake");
+            return;
+        }
+        Err(_) => {
+            info!(peer = %name, "inbound HTTP/2 handshake timed out");
+            shared.metrics.failed(INBOUND, "handshake_timeout");
+            return;
+        }
+    };
+    let identity: Arc<str> = identity.into();
+    let dst_identity: Option<Arc<str>> = local_ip
+        .and_then(|ip| shared.tls.workload_identity(ip))
+        .map(Into::into);
+    let mut goaway_sent = false;
+    loop {
+        let next = tokio::select! {
+            n = conn.accept() => n,
+            () = watch.draining(), if !goaway_sent => {
+                // Streams already open go on; the client opens new ones elsewhere.
+                conn.graceful_shutdown();
+                goaway_sent = true;
+                continue;
+            }
+            () = watch.closed() => break,
+        };
+        match next {
+            Some(Ok((_, mut respond))) if watch.is_draining() => {
+                // Streams that crossed our GOAWAY on the wire: the client retries elsewhere.
+                let name = PeerName {
+                    addr: peer,
+                    identity: Some(&identity),
+                };
+                info!(peer = %name, reason = "draining", "inbound tunnel refused");
+                shared.metrics.failed(INBOUND, "draining");
+                let mut resp = Response::new(());
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                let _ = respond.send_response(resp, true);
+            }
+            Some(Ok((req, respond))) => {
+                let shared = shared.clone();
+                let identity = identity.clone();
+                let dst_identity = dst_identity.clone();
+                let watch = watch.clone();
+                tokio::spawn(async move {
+                    let stream = Stream {
+                        shared: &shared,
+                        peer,
+                        identity: &identity,
+                        dst_identity: dst_identity.as_deref(),
+                        watch: &watch,
+                    };
+                    stream.serve(req, respond).await;
+                });
+            }
+            Some(Err(e)) => {
+                // Broken or abusive connections (too many resets, bad frames) end here.
+                let name = PeerName {
+                    addr: peer,
+                    identity: Some(&identity),
+                };
+                info!(peer = %name, error = %e, "inbound HTTP/2 connection failed");
+                shared.metrics.failed(INBOUND, "h2_connection");
+                break;
+            }
+            None => break,
+        }
+    }
+}
+
+/// One CONNECT stream.
+struct Stream<'a> {
+    shared: &'a Shared,
+    peer: SocketAddr,
+    identity: &'a str,
+    dst_identity: Option<&'a str>,
+    watch: &'a Watch,
+}
+
+impl Stream<'_> {
+    fn refuse(
+        &self,
+        respond: &mut SendResponse<Bytes>,
+        status: StatusCode,
+        reason: &'static str,
+        detail: &dyn std::fmt::Display,
+    ) {
+        let name = PeerName {
+            addr: self.peer,
+            identity: Some(self.identity),
+        };
+        info!(peer = %name, status = status.as_u16(), reason, %detail, "inbound tunnel refused");
+        self.shared.metrics.failed(INBOUND, reason);
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        // The peer may have reset the stream already; nothing more to tell it then.
+        let _ = respond.send_response(resp, true);
+    }
+
+    async fn serve(self, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
+        let dst = match connect_target(
+            req.method().as_str(),
+            req.uri().authority().map(|a| a.as_str()),
+        ) {
+            Ok(dst) => dst,
+            Err(e) => {
+                let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+                return self.refuse(&mut respond, status, e.reason(), &e);
+            }
+        };
+        if !self.shared.local.is_local(dst.ip()) {
+            let detail = format!("{dst} is not a workload on this node");
+            return self.refuse(&mut respond, StatusCode::BAD_REQUEST, "not_local", &detail);
+        }
+        if let Err(why) = self.shared.authz.allow(self.identity, dst) {
+            let detail = format!("to {dst}: {why}");
+            return self.refuse(&mut respond, StatusCode::FORBIDDEN, "denied", &detail);
+        }
+        let upstream =
+            tokio::time::timeout(self.shared.cfg.connect_timeout, TcpStream::connect(dst)).await;
+        let upstream = match upstream {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let detail = format!("connecting to {dst}: {e}");
+                let status = StatusCode::SERVICE_UNAVAILABLE;
+                return self.refuse(&mut respond, status, "connect_failed", &detail);
+            }
+            Err(_) => {
+                let detail = format!("connecting to {dst} timed out");
+                let status = StatusCode::GATEWAY_TIMEOUT;
+                return self.refuse(&mut respond, status, "connect_timeout", &detail);
+            }
+        };
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(peer = %self.peer, error = %e, "client left before the tunnel opened");
+                return;
+            }
+        };
+        let tunnel = H2Stream::new(send, req.into_body());
+        let m = &self.shared.metrics;
+        let labels = TcpLabels::new("destination", Some(self.identity), self.dst_identity);
+        m.opened.get_or_create(&labels).inc();
+        let sent = m.sent.get_or_create(&labels).clone();
+        let received = m.received.get_or_create(&labels).clone();
+        let result = copy_bidirectional(
+            tunnel,
+            upstream,
+            self.shared.cfg.tunnel_idle_timeout,
+            self.watch.closed(),
+            |n| {
+                sent.inc_by(n);
+            },
+            |n| {
+                received.inc_by(n);
+            },
+        )
+        .await;
+        m.closed.get_or_create(&labels).inc();
+        if let Err(e) = result {
+            let name = PeerName {
+                addr: self.peer,
+                identity: Some(self.identity),
+            };
+            debug!(peer = %name, %dst, error = %e, "inbound tunnel ended with an error");
+        }
+    }
+}
