@@ -8,6 +8,7 @@ use mycel_agent::{
 };
 
 fn main() {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
         eprintln!("invalid --log {:?}: {e}", cli.log);
@@ -50,5 +51,24 @@ fn main() {
     if let Err(e) = result {
         eprintln!("mycel: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// glibc gives threads that contend for the allocator arenas of their own (up to 8 per
+/// core) and keeps what is freed in each. The agent allocates most while it lists the
+/// cluster, on the runtime's threads; with an arena per thread, the memory of the list
+/// phase stays reserved several times over. Measured with `cargo xtask bench
+/// controlplane` (10,000 services, 100,000 endpoints, 20,000 pods): 174 MiB RSS with
+/// glibc's default, 162 MiB with two arenas, 143 MiB with one, and the same change → map
+/// latency (the agent's two worker threads rarely allocate at the same moment).
+/// `MALLOC_ARENA_MAX` in the environment still wins: glibc reads it first.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; it is called before any thread
+        // is started, as glibc requires for M_ARENA_MAX to take effect reliably.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
     }
 }
