@@ -179,15 +179,7 @@ impl Ca {
             reason: format!("not a usable private key: {e}"),
         })?;
 
-        let (_, parsed) = X509Certificate::from_der(&cert).map_err(|e| Error::Certificate {
-            origin: cert_origin.to_owned(),
-            reason: format!("not an X.509 certificate: {e}"),
-        })?;
-        let is_ca = parsed
-            .basic_constraints()
-            .ok()
-            .flatten()
-            .is_some_and(|bc| bc.value.ca);
+        let (parsed, is_ca) = parse_ca_candidate(&cert, cert_origin)?;
         if !is_ca {
             return Err(Error::Certificate {
                 origin: cert_origin.to_owned(),
@@ -330,15 +322,7 @@ impl TrustBundle {
 
     /// Adds a CA certificate (once: a certificate already present is not added again).
     pub fn add(&mut self, cert: CertificateDer<'static>, origin: &str) -> Result<(), Error> {
-        let (_, parsed) = X509Certificate::from_der(&cert).map_err(|e| Error::Certificate {
-            origin: origin.to_owned(),
-            reason: format!("not an X.509 certificate: {e}"),
-        })?;
-        let is_ca = parsed
-            .basic_constraints()
-            .ok()
-            .flatten()
-            .is_some_and(|bc| bc.value.ca);
+        let (parsed, is_ca) = parse_ca_candidate(&cert, origin)?;
         if !is_ca {
             return Err(Error::Certificate {
                 origin: origin.to_owned(),
@@ -636,6 +620,24 @@ fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error
             .map_err(io_err("flushing", dir))?;
     }
     Ok(())
+}
+
+/// Parses a certificate that should be a CA; also says whether its basic constraints
+/// make it one. `origin` names where it came from in errors.
+fn parse_ca_candidate<'a>(
+    cert: &'a CertificateDer<'_>,
+    origin: &str,
+) -> Result<(X509Certificate<'a>, bool), Error> {
+    let (_, parsed) = X509Certificate::from_der(cert).map_err(|e| Error::Certificate {
+        origin: origin.to_owned(),
+        reason: format!("not an X.509 certificate: {e}"),
+    })?;
+    let is_ca = parsed
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
+    Ok((parsed, is_ca))
 }
 
 #[cfg(test)]
