@@ -36,24 +36,6 @@ enum RunningSource {
     Kubernetes(#[expect(dead_code, reason = "held to keep the source running")] KubeSource),
 }
 
-/// The root of the cgroup2 mount that holds `dir` (kubelet puts pods' cgroups below it).
-fn cgroup2_root_of(dir: &std::path::Path) -> std::path::PathBuf {
-    std::fs::read_to_string("/proc/self/mounts")
-        .ok()
-        .and_then(|mounts| {
-            mounts
-                .lines()
-                .filter_map(|line| {
-                    let mut f = line.split_whitespace();
-                    let (_, mount, fstype) = (f.next()?, f.next()?, f.next()?);
-                    (fstype == "cgroup2").then(|| std::path::PathBuf::from(mount))
-                })
-                .filter(|mount| dir.starts_with(mount))
-                .max_by_key(|mount| mount.as_os_str().len())
-        })
-        .unwrap_or_else(|| dir.to_path_buf())
-}
-
 /// How often what failed for want of an interface is tried again, and counters of
 /// background tasks are brought into the metrics.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
@@ -146,7 +128,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 client,
                 KubeConfig {
                     node_name: node_name.clone(),
-                    cgroup_root: cgroup2_root_of(&cfg.cgroup),
+                    cgroup_root: cfg.cgroup_root.clone(),
                     root_namespace: policy_settings.root_namespace.clone(),
                 },
             );

@@ -68,6 +68,8 @@ pub struct Config {
     /// `--cgroup` / `MYCEL_CGROUP`: the cgroup v2 directory the socket programs attach to;
     /// every process below it is load-balanced. Default: the root of the cgroup2 mount.
     pub cgroup: PathBuf,
+    /// The cgroup2 mount that holds `cgroup`; kubelet puts pods' cgroups below it.
+    pub cgroup_root: PathBuf,
     /// `--bpffs` / `MYCEL_BPFFS`: directory on bpffs for pinned maps and links.
     pub bpffs: PathBuf,
     /// `--admin-addr` / `MYCEL_ADMIN_ADDR`.
@@ -217,10 +219,12 @@ impl Config {
             v.parse::<SocketAddr>()
                 .map_err(|e| invalid(setting, v, format!("{e} (expected IP:PORT)")))
         };
+        let cgroup_root = cgroup2_mount_of(mounts, &cgroup).unwrap_or_else(|| cgroup.clone());
         Ok(Self {
             source,
             trust_domain,
             cgroup,
+            cgroup_root,
             bpffs,
             admin_addr: addr("--admin-addr", &args.admin_addr)?,
             metrics_addr: addr("--metrics-addr", &args.metrics_addr)?,
@@ -358,7 +362,19 @@ fn parse_trust_domain(v: &str) -> Result<String, Error> {
 
 /// The mount point of the (first) cgroup2 filesystem in a mounts table.
 pub fn cgroup2_root(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
+    cgroup2_mounts(mounts).next()
+}
+
+/// The cgroup2 mount that holds `dir` (the deepest, if mounts nest).
+pub fn cgroup2_mount_of(mounts: &str, dir: &Path) -> Option<PathBuf> {
+    cgroup2_mounts(mounts)
+        .filter(|mount| dir.starts_with(mount))
+        .max_by_key(|mount| mount.as_os_str().len())
+}
+
+/// Mount points of cgroup2 filesystems in a mounts table, in its order.
+fn cgroup2_mounts(mounts: &str) -> impl Iterator<Item = PathBuf> + '_ {
+    mounts.lines().filter_map(|line| {
         let mut fields = line.split_whitespace();
         let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
         (fstype == "cgroup2").then(|| PathBuf::from(dir))
@@ -439,6 +455,13 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(cgroup2_root("proc /proc proc rw 0 0\n"), None);
+        let nested = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_mount_of(nested, Path::new("/sys/fs/cgroup/unified/kubepods")),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(cgroup2_mount_of(nested, Path::new("/elsewhere")), None);
         let cfg = Config::from_args(&args(), MOUNTS).unwrap();
         assert_eq!(cfg.cgroup, PathBuf::from("/sys/fs/cgroup/unified"));
     }

@@ -39,7 +39,8 @@ pub const NAMESPACE_PATTERN: &str = r"^(\*|\*?[^*]+|[^*]+\*)$";
 pub const PRINCIPAL_PATTERN: &str = r"^(spiffe://)?(\*|\*?[^*]+|[^*]+\*)$";
 /// A service account: `<namespace>/<name>` or `<name>`, both non-empty, no wildcards.
 pub const SERVICE_ACCOUNT_PATTERN: &str = r"^[^/*]+(/[^/*]+)?$";
-/// [`ip_block_pattern`] before its `V4` placeholders are replaced.
+/// The pattern of [`ip_block_pattern`], where `V4` stands for the IPv4 part and is
+/// substituted by it.
 const IP_BLOCK_TEMPLATE: &str = concat!(
     "^(",
     // IPv4, each octet without leading zeros (as Rust's and Go's parsers want).
