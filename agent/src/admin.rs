@@ -15,6 +15,7 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -26,10 +27,12 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use crate::{
     datapath::{self, KernelFeature, MapService, ProgramStatus},
     flows::{Filter, FlowsHandle, FollowBody, Verdict},
+    identity::{CertInfo, TrustBundle},
     metrics::KernelCounters,
     state::ObjectRef,
 };
@@ -60,6 +63,64 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Counters of the kernel programs, by name.
     pub kernel_counters: Vec<(String, u64)>,
+    /// The certificates of the local workloads' identities, sorted by identity.
+    #[serde(default)]
+    pub certificates: Vec<CertInfo>,
+    /// The CA certificates peers' chains may end at (two during a CA rotation).
+    #[serde(default)]
+    pub trust_bundle: Vec<TrustAnchor>,
+}
+
+/// One CA certificate of the trust bundle, as `mycel status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustAnchor {
+    /// The certificate's subject, e.g. `O=cluster.local, CN=mycel CA for cluster.local`.
+    pub subject: String,
+    /// Seconds since the Unix epoch.
+    #[serde(with = "unix_seconds")]
+    pub not_after: SystemTime,
+}
+
+/// A time as whole seconds since the Unix epoch, as [`CertInfo`] has its times.
+mod unix_seconds {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let secs = u64::deserialize(d)?;
+        UNIX_EPOCH
+            .checked_add(Duration::from_secs(secs))
+            .ok_or_else(|| serde::de::Error::custom(format!("{secs} s after 1970 is out of range")))
+    }
+}
+
+impl TrustAnchor {
+    /// The CAs of `bundle`, in its order. A certificate that does not parse (the bundle
+    /// checked each when it was built, so this does not happen) is shown by its error.
+    pub fn from_bundle(bundle: &TrustBundle) -> Vec<TrustAnchor> {
+        bundle
+            .certificates()
+            .iter()
+            .map(|der| match X509Certificate::from_der(der) {
+                Ok((_, cert)) => TrustAnchor {
+                    subject: cert.subject().to_string(),
+                    not_after: UNIX_EPOCH
+                        + Duration::from_secs(
+                            u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0),
+                        ),
+                },
+                Err(e) => TrustAnchor {
+                    subject: format!("(unreadable certificate: {e})"),
+                    not_after: UNIX_EPOCH,
+                },
+            })
+            .collect()
+    }
 }
 
 /// State the endpoints read; written by the agent's main loop.

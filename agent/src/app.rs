@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use mycel_common::policy::{ENDPOINT_F_ENFORCE, EndpointInfo, IDENTITY_HOST};
+use mycel_common::policy::{
+    ENDPOINT_F_ENFORCE, ENDPOINT_F_MESH, ENDPOINT_F_MESH_STRICT, EndpointInfo, IDENTITY_HOST,
+};
 
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
@@ -20,13 +22,16 @@ use crate::{
     config::{Config, SourceConfig},
     datapath::{self, ApplyStats, Datapath, PolicyContent},
     flows::{Directory, Flows, WorkloadInfo},
+    identity::{Ca, CertManager, TrustBundle},
+    mesh::{Mesh, MeshConfig},
     metrics::{KernelCounters, MapOpLabels, Metrics},
+    proxy::{self, ProxyMetrics},
     source::{
         SourceEvent,
         file::FileSource,
         k8s::{self, KubeConfig, KubeSource},
     },
-    state::{EndpointPolicy, ObjectRef, PolicySettings, State, Update},
+    state::{EndpointPolicy, ObjectRef, PolicySettings, State, Update, mesh::MtlsMode},
 };
 
 /// The source in use; dropping it stops it.
@@ -52,8 +57,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (flows, flows_handle) =
         Flows::new(&cfg.flows, &mut registry).context("starting flow observability")?;
     let directory = Arc::new(Directory::new());
+    let proxy_metrics = Arc::new(ProxyMetrics::new(
+        &mut registry,
+        flows.istio_tcp(),
+        directory.clone(),
+    ));
     let kernel = Arc::new(KernelCounters::new(&cfg.bpffs));
     registry.register_collector(Box::new(kernel.clone()));
+
     let shared = Arc::new(Shared {
         ready: Default::default(),
         status: RwLock::new(Status {
@@ -85,6 +96,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut datapath =
         tokio::task::block_in_place(|| Datapath::load_with(&cfg.cgroup, &cfg.bpffs, cfg.map_sizes))
             .context("loading the datapath")?;
+    // The proxy's own connections are never redirected back to it.
+    datapath
+        .mesh
+        .set_proxy_tgid(std::process::id())
+        .context("telling the kernel programs the proxy's process")?;
+    let mesh = start_mesh(&cfg, &datapath, proxy_metrics)?;
     // Flow events from the kernel feed metrics, the recent-flows ring and the flow log; the
     // FLOWS table is read every few seconds so long connections count bytes while open.
     let ring = match datapath.take_flow_events() {
@@ -152,6 +169,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         flow_reader,
         flow_events_dropped: 0,
         owners_published: Default::default(),
+        mesh,
     };
     agent.publish();
 
@@ -176,6 +194,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
+    agent.mesh.drain(cfg.drain_grace).await;
     for s in servers {
         s.abort();
     }
@@ -191,7 +210,51 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The CA (loaded, or created standalone on first start), the certificate manager and the
+/// proxy. With Kubernetes the CA must be there: every node must share it.
+fn start_mesh(
+    cfg: &Config,
+    datapath: &Datapath,
+    metrics: Arc<ProxyMetrics>,
+) -> anyhow::Result<Mesh> {
+    let ca = match &cfg.source {
+        SourceConfig::Kubernetes { .. } => {
+            let cert = cfg.ca_dir.join(crate::identity::CA_CERT_FILE);
+            let key = cfg.ca_dir.join(crate::identity::CA_KEY_FILE);
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| {
+                    format!(
+                        "reading {} (mount the Secret mycel-ca there; see manifests/README.md)",
+                        p.display()
+                    )
+                })
+            };
+            Ca::from_pem(
+                &read(&cert)?,
+                &read(&key)?,
+                &cfg.ca_dir.display().to_string(),
+            )?
+        }
+        SourceConfig::File(_) => Ca::load_or_create(&cfg.ca_dir, &cfg.trust_domain)
+            .with_context(|| format!("the CA in {}", cfg.ca_dir.display()))?,
+    };
+    let bundle = TrustBundle::from_pem(ca.cert_pem().as_bytes(), "the CA")?;
+    let certs = CertManager::new(ca, bundle, &cfg.trust_domain, cfg.cert_lifetime)
+        .context("starting the certificate manager")?;
+    Ok(Mesh::new(
+        MeshConfig {
+            proxy: proxy::Config::default(),
+            access_log: cfg.access_log,
+        },
+        certs,
+        datapath.mesh.orig_dst_table(),
+        metrics,
+    ))
+}
+
 struct Agent {
+    /// Enrolled workloads and the node proxy.
+    mesh: Mesh,
     state: State,
     datapath: Datapath,
     metrics: Metrics,
@@ -247,6 +310,17 @@ fn host_addresses() -> BTreeSet<IpAddr> {
         .collect()
 }
 
+/// `ENDPOINTS` flags of a local workload.
+fn endpoint_flags(enforce: bool, mesh: Option<MtlsMode>) -> u32 {
+    let mut flags = if enforce { ENDPOINT_F_ENFORCE } else { 0 };
+    match mesh {
+        Some(MtlsMode::Strict) => flags |= ENDPOINT_F_MESH | ENDPOINT_F_MESH_STRICT,
+        Some(MtlsMode::Permissive) => flags |= ENDPOINT_F_MESH,
+        None => {}
+    }
+    flags
+}
+
 fn host_prefix(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { 32 } else { 128 }
 }
@@ -296,7 +370,10 @@ impl Agent {
         if first || applied.workloads_changed {
             self.publish_workloads();
         }
-        if first || applied.policy_changed || applied.workloads_changed {
+        if first || applied.mesh_changed {
+            self.sync_mesh();
+        }
+        if first || applied.policy_changed || applied.workloads_changed || applied.mesh_changed {
             tokio::task::block_in_place(|| self.sync_policy(first));
         }
         self.metrics
@@ -376,7 +453,7 @@ impl Agent {
                 EndpointInfo {
                     endpoint_id: ep.endpoint_id,
                     identity: ep.identity,
-                    flags: if ep.enforce { ENDPOINT_F_ENFORCE } else { 0 },
+                    flags: endpoint_flags(ep.enforce, self.mesh.mode(&ep.workload)),
                     policy_revision: 0,
                 },
             );
@@ -419,8 +496,32 @@ impl Agent {
         self.directory.set_policies(names);
     }
 
+    /// Enrollment, certificates and the proxy's listeners follow the model; then the
+    /// kernel's mesh maps.
+    fn sync_mesh(&mut self) {
+        let content = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(self.mesh.sync(&self.state))
+        });
+        match self.datapath.mesh.apply(&content) {
+            Ok(stats) => debug!(?stats, "mesh maps written"),
+            Err(e) => {
+                error!("writing mesh maps: {e}");
+                self.metrics.datapath_errors.inc();
+                self.last_error = Some(e.to_string());
+            }
+        }
+    }
+
     /// Retries what failed for want of an interface; counts what background tasks lost.
     fn housekeeping(&mut self) {
+        // Certificates renew in the background: show the current ones.
+        if let Ok(mut s) = self.shared.status.write() {
+            s.certificates = self.mesh.certificates();
+        }
+        if self.mesh.has_pending() {
+            self.sync_mesh();
+            tokio::task::block_in_place(|| self.sync_policy(false));
+        }
         if !self.tc_pending.is_empty() {
             tokio::task::block_in_place(|| self.sync_policy(false));
             self.publish();
@@ -497,6 +598,8 @@ impl Agent {
             s.taken_over = self.taken_over;
             s.errors_current = standing;
             s.last_error = self.last_error.clone();
+            s.certificates = self.mesh.certificates();
+            s.trust_bundle = admin::TrustAnchor::from_bundle(&self.mesh.bundle());
         }
         // Rebuilding the owners costs a copy of every service's name: only when they change.
         let version = self.datapath.services.owners_version();

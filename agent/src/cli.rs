@@ -1,7 +1,11 @@
 //! The command line: `mycel agent` and the user-facing subcommands that talk to a running
 //! agent's admin endpoint.
 
-use std::{io::Write as _, net::SocketAddr};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
@@ -13,7 +17,11 @@ use crate::{
     admin::Status,
     config,
     datapath::MapService,
-    flows::{Flow, record::Kind},
+    flows::{
+        Flow,
+        record::{Kind, rfc3339},
+    },
+    identity::{self, Ca},
 };
 
 /// mycel: a sidecar-less service mesh built on eBPF.
@@ -41,6 +49,36 @@ pub enum Command {
     Services(ClientArgs),
     /// Show recent flows, or follow them as they happen (like `hubble observe`).
     Flows(FlowsArgs),
+    /// Manage the mesh's certificate authority.
+    Ca(CaArgs),
+}
+
+/// `mycel ca`: the mesh's certificate authority.
+#[derive(Debug, clap::Args)]
+pub struct CaArgs {
+    #[command(subcommand)]
+    pub command: CaCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CaCommand {
+    /// Create a new CA for the agents to issue workload certificates with: DIR/ca.pem (the
+    /// CA certificate, mode 0644) and DIR/ca-key.pem (its private key, mode 0600). In
+    /// Kubernetes, store both in the Secret `mycel-ca` that the DaemonSet mounts.
+    Create(CaCreateArgs),
+}
+
+/// `mycel ca create`.
+#[derive(Debug, clap::Args)]
+pub struct CaCreateArgs {
+    /// The directory to write the CA into (created with mode 0700 if missing). A CA file
+    /// already there is never overwritten.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The trust domain of the SPIFFE IDs the CA signs; the agents' --trust-domain must
+    /// be the same.
+    #[arg(long, default_value = config::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
 }
 
 /// How to reach the agent.
@@ -277,14 +315,26 @@ pub async fn flows_to(args: &FlowsArgs, out: &mut impl std::io::Write) -> anyhow
 
 /// `mycel status`.
 pub async fn status(args: &ClientArgs) -> anyhow::Result<()> {
+    status_to(args, &mut std::io::stdout()).await
+}
+
+/// `mycel status`, printing to `out`.
+pub async fn status_to(args: &ClientArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     let body = get(args.admin_addr, "/debug/status").await?;
     if args.output == Output::Json {
-        println!("{body}");
+        emit(out, &format!("{}\n", body.trim_end()))?;
         return Ok(());
     }
     let s: Status = serde_json::from_str(&body).context("the agent's status is not valid JSON")?;
-    let mut out = String::new();
+    emit(out, &status_text(&s, SystemTime::now()))?;
+    Ok(())
+}
+
+/// The table form of `mycel status`; `now` is when certificates' remaining time counts
+/// from.
+fn status_text(s: &Status, now: SystemTime) -> String {
     use std::fmt::Write as _;
+    let mut out = String::new();
     let _ = writeln!(
         out,
         "mycel agent {}  ready: {}",
@@ -361,7 +411,112 @@ pub async fn status(args: &ClientArgs) -> anyhow::Result<()> {
                 .join(" ")
         );
     }
-    std::io::stdout().write_all(out.as_bytes())?;
+    out.push_str(&certificates_text(s, now));
+    out
+}
+
+/// The "certificates" and "trust bundle" sections of `mycel status`.
+fn certificates_text(s: &Status, now: SystemTime) -> String {
+    let mut out = String::new();
+    if s.certificates.is_empty() {
+        out.push_str("certificates: none (no workload identity on this node)\n");
+    } else {
+        out.push_str("certificates:\n");
+        let rows: Vec<[String; 4]> = s
+            .certificates
+            .iter()
+            .map(|c| {
+                [
+                    c.id.to_string(),
+                    expires_in(c.not_after, now),
+                    rfc3339_seconds(c.not_after),
+                    c.serial.clone(),
+                ]
+            })
+            .collect();
+        let t = table(&["IDENTITY", "EXPIRES IN", "NOT AFTER", "SERIAL"], &rows);
+        out.push_str(&indent(&t));
+    }
+    if !s.trust_bundle.is_empty() {
+        out.push_str("trust bundle:\n");
+        let rows: Vec<[String; 3]> = s
+            .trust_bundle
+            .iter()
+            .map(|a| {
+                [
+                    expires_in(a.not_after, now),
+                    rfc3339_seconds(a.not_after),
+                    a.subject.clone(),
+                ]
+            })
+            .collect();
+        let t = table(&["EXPIRES IN", "NOT AFTER", "CA"], &rows);
+        out.push_str(&indent(&t));
+    }
+    out
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// `t` as RFC 3339 in UTC to the second (certificate times have no fractions).
+fn rfc3339_seconds(t: SystemTime) -> String {
+    let full = rfc3339(t);
+    match full.split_once('.') {
+        Some((secs, _)) => format!("{secs}Z"),
+        None => full,
+    }
+}
+
+/// How long from `now` until `t`, for people: `23h 59m`, `364d 23h`, or `expired 5m
+/// ago`.
+fn expires_in(t: SystemTime, now: SystemTime) -> String {
+    match t.duration_since(now) {
+        Ok(left) => human(left),
+        Err(e) => format!("expired {} ago", human(e.duration())),
+    }
+}
+
+/// A duration in its two largest units.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    let (days, h, m) = (s / 86_400, s / 3_600 % 24, s / 60 % 60);
+    match (days / 365, days) {
+        (y, _) if y > 0 => format!("{y}y {}d", days % 365),
+        (_, d) if d > 0 => format!("{d}d {h}h"),
+        _ if h > 0 => format!("{h}h {m}m"),
+        _ if m > 0 => format!("{m}m {}s", s % 60),
+        _ => format!("{s}s"),
+    }
+}
+
+/// `mycel ca`.
+pub fn ca(args: &CaArgs) -> anyhow::Result<()> {
+    match &args.command {
+        CaCommand::Create(create) => ca_create(create, &mut std::io::stdout()),
+    }
+}
+
+/// `mycel ca create`: writes a new CA and says how to hand it to the agents.
+pub fn ca_create(args: &CaCreateArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    // The error names the file and says what to do; its source repeats the reason, so it
+    // is not chained again.
+    let ca = Ca::create(&args.dir, &args.trust_domain)
+        .map_err(|e| anyhow::anyhow!("cannot create a CA in {}: {e}", args.dir.display()))?;
+    let dir = args.dir.display();
+    let text = format!(
+        "created a CA for the trust domain {td}, valid until {until}:\n  \
+         {dir}/{cert}  the CA certificate\n  \
+         {dir}/{key}  its private key: keep it secret\n\
+         In Kubernetes, give it to the agents as the Secret mycel-ca:\n  \
+         kubectl -n mycel-system create secret generic mycel-ca --from-file={dir}/\n",
+        td = args.trust_domain,
+        until = rfc3339_seconds(ca.not_after()),
+        cert = identity::CA_CERT_FILE,
+        key = identity::CA_KEY_FILE,
+    );
+    emit(out, &text)?;
     Ok(())
 }
 
@@ -629,6 +784,202 @@ mod tests {
         assert_eq!(ports[0], 40000, "the backlog first");
         assert!(ports[1] < ports[2], "{ports:?}");
         task.abort();
+    }
+
+    /// A status with two certificates and a trust bundle of one real CA.
+    fn status_with_certificates(now: SystemTime) -> Status {
+        use crate::{
+            admin::TrustAnchor,
+            identity::{CertInfo, SpiffeId, TrustBundle},
+        };
+        let ca = Ca::generate(
+            "cluster.local",
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        )
+        .unwrap();
+        let bundle = TrustBundle::from_pem(ca.cert_pem().as_bytes(), "test CA").unwrap();
+        let cert = |sa: &str, not_after: SystemTime, serial: &str| CertInfo {
+            id: SpiffeId::new("cluster.local", "shop", sa).unwrap(),
+            not_before: now - Duration::from_secs(300),
+            not_after,
+            serial: serial.into(),
+        };
+        Status {
+            version: "0.1.0".into(),
+            certificates: vec![
+                cert(
+                    "a",
+                    now + Duration::from_secs(23 * 3600 + 59 * 60 + 30),
+                    "0a1b2c",
+                ),
+                cert("b", now - Duration::from_secs(125), "ff00"),
+            ],
+            trust_bundle: TrustAnchor::from_bundle(&bundle),
+            ..Status::default()
+        }
+    }
+
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn status_shows_certificates_and_the_trust_bundle() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let text = status_text(&status_with_certificates(now), now);
+        let lines: Vec<&str> = text.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| *l == "certificates:")
+            .unwrap_or_else(|| panic!("no certificates section in\n{text}"));
+        assert_eq!(
+            lines[at + 1].split_whitespace().collect::<Vec<_>>(),
+            ["IDENTITY", "EXPIRES", "IN", "NOT", "AFTER", "SERIAL"]
+        );
+        assert_eq!(
+            lines[at + 2]
+                .split("  ")
+                .filter(|c| !c.is_empty())
+                .map(str::trim)
+                .collect::<Vec<_>>(),
+            [
+                "spiffe://cluster.local/ns/shop/sa/a",
+                "23h 59m",
+                "2027-01-16T07:59:30Z",
+                "0a1b2c"
+            ],
+            "{text}"
+        );
+        assert!(
+            lines[at + 3].contains("expired 2m 5s ago") && lines[at + 3].contains("ff00"),
+            "{text}"
+        );
+        let ca = lines
+            .iter()
+            .position(|l| *l == "trust bundle:")
+            .unwrap_or_else(|| panic!("no trust bundle in\n{text}"));
+        // The CA generated at `now` lives ten years and three leap days (years of 365).
+        assert!(
+            lines[ca + 2].contains("10y 3d")
+                && lines[ca + 2].contains("2037-01-15T08:00:00Z")
+                && lines[ca + 2].contains("CN=mycel CA for cluster.local"),
+            "{text}"
+        );
+        let empty = status_text(&Status::default(), now);
+        assert!(empty.contains("certificates: none"), "{empty}");
+        assert!(!empty.contains("trust bundle"), "{empty}");
+    }
+
+    #[test]
+    fn remaining_times_read_as_people_say_them() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let at = |s: u64| now + Duration::from_secs(s);
+        assert_eq!(expires_in(at(0), now), "0s");
+        assert_eq!(expires_in(at(59), now), "59s");
+        assert_eq!(expires_in(at(61), now), "1m 1s");
+        assert_eq!(expires_in(at(3 * 3600 + 120), now), "3h 2m");
+        assert_eq!(expires_in(at(86_400 * 2 + 3600), now), "2d 1h");
+        assert_eq!(expires_in(at(86_400 * 400), now), "1y 35d");
+        assert_eq!(
+            expires_in(now - Duration::from_secs(90_000), now),
+            "expired 1d 1h ago"
+        );
+        assert_eq!(rfc3339_seconds(at(0)), "1970-01-12T13:46:40Z");
+    }
+
+    #[tokio::test]
+    async fn mycel_status_reads_certificates_from_a_running_agent() {
+        use crate::flows::record::tests::admin_with_two_flows;
+
+        let (task, addr, _flows, _names, shared, _dir) = admin_with_two_flows().await;
+        let now = SystemTime::now();
+        let want = status_with_certificates(now);
+        {
+            let mut status = shared.status.write().unwrap();
+            status.certificates = want.certificates.clone();
+            status.trust_bundle = want.trust_bundle.clone();
+        }
+        let args = |output| ClientArgs {
+            admin_addr: addr,
+            output,
+        };
+        let mut out = Vec::new();
+        status_to(&args(Output::Table), &mut out).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("spiffe://cluster.local/ns/shop/sa/a")
+                && text.contains("0a1b2c")
+                && text.contains("CN=mycel CA for cluster.local"),
+            "{text}"
+        );
+        let mut out = Vec::new();
+        status_to(&args(Output::Json), &mut out).await.unwrap();
+        let back: Status = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back.trust_bundle, want.trust_bundle);
+        // Times travel as whole seconds.
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(back.certificates.len(), 2);
+        for (got, sent) in back.certificates.iter().zip(&want.certificates) {
+            assert_eq!(got.id, sent.id);
+            assert_eq!(got.serial, sent.serial);
+            assert_eq!(secs(got.not_after), secs(sent.not_after));
+            assert_eq!(secs(got.not_before), secs(sent.not_before));
+        }
+        task.abort();
+    }
+
+    /// `mycel ca ARGS` (through a wrapper, so it parses on its own).
+    #[derive(Debug, clap::Parser)]
+    struct CaCli {
+        #[command(subcommand)]
+        command: CaCommand,
+    }
+
+    #[test]
+    fn ca_create_writes_a_ca_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let dir_arg = dir.to_str().unwrap();
+        let parse = |argv: &[&str]| {
+            let cli =
+                CaCli::try_parse_from(std::iter::once("ca").chain(argv.iter().copied())).unwrap();
+            match cli.command {
+                CaCommand::Create(args) => args,
+            }
+        };
+        let args = parse(&["create", "--dir", dir_arg]);
+        assert_eq!(args.trust_domain, config::DEFAULT_TRUST_DOMAIN);
+        let args = parse(&["create", "--dir", dir_arg, "--trust-domain", "mesh.example"]);
+        let mut out = Vec::new();
+        ca_create(&args, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(&format!(
+                "kubectl -n mycel-system create secret generic mycel-ca --from-file={dir_arg}/"
+            )) && text.contains("mesh.example"),
+            "{text}"
+        );
+        let cert = std::fs::read(dir.join(identity::CA_CERT_FILE)).unwrap();
+        let key = std::fs::read(dir.join(identity::CA_KEY_FILE)).unwrap();
+        let ca = Ca::from_pem(&cert, &key, "the new CA").unwrap();
+        assert!(text.contains(&rfc3339_seconds(ca.not_after())), "{text}");
+
+        let e = ca_create(&args, &mut Vec::new()).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("refusing to overwrite"), "{msg}");
+        assert_eq!(msg.matches("already there").count(), 1, "said once: {msg}");
+        assert_eq!(
+            std::fs::read(dir.join(identity::CA_CERT_FILE)).unwrap(),
+            cert,
+            "the first CA stays"
+        );
+        assert!(
+            CaCli::try_parse_from(["ca", "create"]).is_err(),
+            "--dir is required"
+        );
+        let cli = Cli::try_parse_from(["mycel", "ca", "create", "--dir", "ca"]).unwrap();
+        assert!(
+            matches!(&cli.command, Command::Ca(CaArgs { command: CaCommand::Create(a) }) if a.dir == std::path::Path::new("ca")),
+            "{cli:?}"
+        );
     }
 
     #[test]

@@ -27,6 +27,11 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
 /// Exit status for invalid configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_USAGE: i32 = 64;
+/// Where the standalone agent keeps the CA it creates on first start.
+pub const DEFAULT_CA_DIR: &str = "/var/lib/mycel/ca";
+/// How long the proxy lets open connections finish on SIGTERM, as Istio's default
+/// termination drain duration.
+pub const DEFAULT_DRAIN_GRACE: &str = "5s";
 /// Default trust domain, as Kubernetes' default cluster domain and Istio's.
 pub const DEFAULT_TRUST_DOMAIN: &str = crate::state::identity::DEFAULT_TRUST_DOMAIN;
 
@@ -87,6 +92,19 @@ pub struct Config {
     /// `--flow-buffer`, `--flow-log`, `--flow-log-max-bytes`, `--flow-log-files`
     /// (`MYCEL_FLOW_*`): recent flows kept in memory and the optional flow log file.
     pub flows: flows::Config,
+    /// `--ca-dir` / `MYCEL_CA_DIR`: directory of the CA that signs workload certificates
+    /// (`ca.pem`, `ca-key.pem`). Standalone, created there on first start; with Kubernetes
+    /// it must exist (the manifests mount it from the Secret `mycel-ca`), since every node
+    /// must share one CA.
+    pub ca_dir: PathBuf,
+    /// `--cert-lifetime` / `MYCEL_CERT_LIFETIME`: lifetime of workload certificates; they
+    /// are renewed at half of it.
+    pub cert_lifetime: std::time::Duration,
+    /// `--drain-grace` / `MYCEL_DRAIN_GRACE`: on SIGTERM, how long open proxied connections
+    /// may take to finish before they are closed.
+    pub drain_grace: std::time::Duration,
+    /// `--access-log` / `MYCEL_ACCESS_LOG`: log one line per proxied connection.
+    pub access_log: bool,
 }
 
 /// Most recent flows `--flow-buffer` may keep.
@@ -163,6 +181,19 @@ pub struct Args {
     /// Rotated flow log files kept (PATH.1 … PATH.N; the oldest is deleted).
     #[arg(long, env = "MYCEL_FLOW_LOG_FILES", default_value_t = flows::log::DEFAULT_FILES.to_string())]
     pub flow_log_files: String,
+    /// Directory of the CA that signs workload certificates (ca.pem, ca-key.pem); created
+    /// on first start standalone, mounted from the Secret mycel-ca in Kubernetes.
+    #[arg(long, env = "MYCEL_CA_DIR")]
+    pub ca_dir: Option<String>,
+    /// Lifetime of workload certificates (renewed at half of it), e.g. 24h, 90m.
+    #[arg(long, env = "MYCEL_CERT_LIFETIME", default_value = "24h")]
+    pub cert_lifetime: String,
+    /// On SIGTERM, how long open proxied connections may take to finish.
+    #[arg(long, env = "MYCEL_DRAIN_GRACE", default_value = DEFAULT_DRAIN_GRACE)]
+    pub drain_grace: String,
+    /// Log one line per proxied connection (source, destination, identities, bytes).
+    #[arg(long, env = "MYCEL_ACCESS_LOG")]
+    pub access_log: bool,
 }
 
 /// An invalid setting.
@@ -249,6 +280,10 @@ impl Config {
                 ..MapSizes::default()
             },
             flows: flow_config(args)?,
+            ca_dir: parse_ca_dir(args.ca_dir.as_deref(), &args.source)?,
+            cert_lifetime: duration("--cert-lifetime", &args.cert_lifetime, 2)?,
+            drain_grace: duration("--drain-grace", &args.drain_grace, 0)?,
+            access_log: args.access_log,
         })
     }
 }
@@ -291,6 +326,53 @@ fn flow_config(args: &Args) -> Result<flows::Config, Error> {
         tracked: count("--max-flows", &args.max_flows, 16, 1 << 24)? as usize,
         ..flows::Config::default()
     })
+}
+
+/// `--ca-dir`: required with Kubernetes (one CA for every node), defaulted standalone.
+fn parse_ca_dir(v: Option<&str>, source: &str) -> Result<PathBuf, Error> {
+    match v.filter(|v| !v.is_empty()) {
+        Some(v) if !Path::new(v).is_absolute() => {
+            Err(invalid("--ca-dir", v, "must be an absolute path"))
+        }
+        Some(v) => Ok(PathBuf::from(v)),
+        None if source == "kubernetes" => Err(invalid(
+            "--ca-dir",
+            "",
+            "required with --source kubernetes: every node must share one CA; mount the \
+             Secret mycel-ca (see manifests/README.md) and set MYCEL_CA_DIR",
+        )),
+        None => Ok(PathBuf::from(DEFAULT_CA_DIR)),
+    }
+}
+
+/// A duration such as `24h`, `90m`, `5s`, `250ms`, at least `min_secs`.
+fn duration(setting: &'static str, v: &str, min_secs: u64) -> Result<std::time::Duration, Error> {
+    let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (number, unit) = v.split_at(digits);
+    let millis = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => 0,
+    };
+    let d = number
+        .parse::<u64>()
+        .ok()
+        .filter(|_| millis > 0)
+        .and_then(|n| n.checked_mul(millis))
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| {
+            invalid(
+                setting,
+                v,
+                "expected a whole number with a unit: ms, s, m or h (e.g. 24h, 5s)",
+            )
+        })?;
+    if d.as_secs() < min_secs {
+        return Err(invalid(setting, v, format!("must be at least {min_secs}s")));
+    }
+    Ok(d)
 }
 
 fn count(setting: &'static str, v: &str, min: u32, max: u32) -> Result<u32, Error> {
@@ -406,7 +488,50 @@ mod tests {
             flow_log: None,
             flow_log_max_bytes: flows::log::DEFAULT_MAX_BYTES.to_string(),
             flow_log_files: flows::log::DEFAULT_FILES.to_string(),
+            ca_dir: None,
+            cert_lifetime: "24h".into(),
+            drain_grace: DEFAULT_DRAIN_GRACE.into(),
+            access_log: false,
         }
+    }
+
+    #[test]
+    fn mesh_settings() {
+        let cfg = Config::from_args(&args(), MOUNTS).unwrap();
+        assert_eq!(cfg.ca_dir, PathBuf::from(DEFAULT_CA_DIR));
+        assert_eq!(cfg.cert_lifetime, std::time::Duration::from_secs(24 * 3600));
+        assert_eq!(cfg.drain_grace, std::time::Duration::from_secs(5));
+        let with = |f: &dyn Fn(&mut Args)| {
+            let mut a = args();
+            f(&mut a);
+            Config::from_args(&a, MOUNTS)
+        };
+        assert_eq!(
+            with(&|a| a.cert_lifetime = "90m".into())
+                .unwrap()
+                .cert_lifetime,
+            std::time::Duration::from_secs(90 * 60)
+        );
+        assert_eq!(
+            with(&|a| a.drain_grace = "250ms".into())
+                .unwrap()
+                .drain_grace,
+            std::time::Duration::from_millis(250)
+        );
+        for bad in ["", "10", "h", "1d", "-1s", "1s"] {
+            let e = with(&|a| a.cert_lifetime = bad.into()).unwrap_err();
+            assert_eq!(e.setting, "--cert-lifetime", "{bad:?}");
+        }
+        let e = with(&|a| a.ca_dir = Some("relative".into())).unwrap_err();
+        assert_eq!(e.setting, "--ca-dir");
+        // Kubernetes needs the shared CA named.
+        let e = with(&|a| {
+            a.source = "kubernetes".into();
+            a.node_name = Some("n1".into());
+        })
+        .unwrap_err();
+        assert_eq!(e.setting, "--ca-dir");
+        assert!(e.why.contains("mycel-ca"), "{e}");
     }
 
     #[test]
@@ -482,6 +607,7 @@ mod tests {
             "the Kubernetes source needs the node's name"
         );
         a.node_name = Some("node-1".into());
+        a.ca_dir = Some("/var/run/secrets/mycel/ca".into());
         assert_eq!(
             Config::from_args(&a, MOUNTS).unwrap().source,
             SourceConfig::Kubernetes {

@@ -6,7 +6,12 @@
 //! down, and a new agent takes the maps over (reading back what they hold) instead of
 //! flushing and refilling them.
 
-use std::{collections::BTreeMap, io, net::IpAddr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use mycel_common::{
     flow::DEFAULT_FLOW_ENTRIES,
@@ -15,6 +20,7 @@ use mycel_common::{
 };
 
 mod flows;
+mod mesh;
 mod policy;
 mod programs;
 mod services;
@@ -23,8 +29,12 @@ mod tc;
 pub use flows::{
     FlowReader, dump_flows, flow_events_from_pin, parse as parse_flow_event, spawn_flow_reader,
 };
+pub use mesh::{
+    MESH_F_ENROLLED, MESH_F_STRICT, MeshContent, MeshDest, MeshMaps, MeshSource, MeshStats,
+    OrigDst, OrigDstError, OrigDstTable, decode_orig_dst, mesh_addr,
+};
 pub use policy::{IpPrefix, PolicyApplyStats, PolicyContent, PolicyMaps, ipcache_key};
-pub use programs::{AttachedProgram, KernelFeature, PROGRAMS, ProgramStatus};
+pub use programs::{AttachedProgram, KernelFeature, PROGRAMS, ProgramStatus, SOCK_OPS};
 pub use services::{ApplyStats, MapBackend, MapService, ServiceMaps, dump_pinned};
 pub use tc::{TC_PROGRAMS, TCX_FEATURE, TcAttachment, TcMode, ifindex_of, interface_name};
 
@@ -83,6 +93,14 @@ pub enum Error {
     InvalidPrefix { addr: IpAddr, len: u8 },
     #[error("flow events (map FLOW_EVENTS): {detail}")]
     FlowEvents { detail: String },
+    #[error(
+        "original destination of the redirected connection from {peer} (map MESH_ORIG_DST): {source}"
+    )]
+    OrigDst {
+        peer: SocketAddr,
+        #[source]
+        source: OrigDstError,
+    },
 }
 
 pub(crate) fn programs_err(name: &'static str, e: aya::programs::ProgramError) -> Error {
@@ -154,6 +172,8 @@ pub struct Datapath {
     pub services: ServiceMaps,
     /// IPCACHE, ENDPOINTS and POLICY.
     pub policy: PolicyMaps,
+    /// MESH_DESTS, MESH_SOURCES, MESH_CONFIG and the reader of MESH_ORIG_DST.
+    pub mesh: MeshMaps,
     /// How TC programs attach on this kernel, once the first attach found out.
     tc_mode: Option<TcMode>,
     /// Interfaces this process attached the TC programs to, by ifindex.
@@ -181,6 +201,7 @@ impl Datapath {
         let mut ebpf = programs::load(pin_dir, sizes)?;
         let services = ServiceMaps::take(&mut ebpf)?;
         let policy = PolicyMaps::take(&mut ebpf)?;
+        let mesh = MeshMaps::take(&mut ebpf)?;
         let flow_events = ebpf
             .take_map("FLOW_EVENTS")
             .ok_or(Error::MissingMap { map: "FLOW_EVENTS" })?;
@@ -194,6 +215,7 @@ impl Datapath {
             features,
             services,
             policy,
+            mesh,
             tc_mode: None,
             tc: BTreeMap::new(),
             flow_events: FlowEventsSlot(Some(flow_events)),

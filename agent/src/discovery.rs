@@ -39,6 +39,16 @@ use self::netlink::Link;
 /// namespace, as tests do.
 const OWN_NETNS: &str = "/proc/thread-self/ns/net";
 
+/// The network namespace of a pod known only by its cgroup: `/proc/<pid>/ns/net` of one of
+/// its processes (not in the agent's own namespace). `None` while it has none.
+pub fn pod_netns_path(ip: IpAddr, cgroup: &Path) -> Result<Option<PathBuf>, Error> {
+    let own = File::open(OWN_NETNS).map_err(|source| Error::Namespace {
+        path: PathBuf::from(OWN_NETNS),
+        source,
+    })?;
+    Ok(podns::open_pod_netns(ip, cgroup, &own)?.map(|(path, _)| path))
+}
+
 /// How a pod's host-side interface was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Method {

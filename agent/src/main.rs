@@ -47,6 +47,7 @@ fn main() {
         Command::Status(args) => runtime.block_on(cli::status(args)),
         Command::Services(args) => runtime.block_on(cli::services(args)),
         Command::Flows(args) => runtime.block_on(cli::flows(args)),
+        Command::Ca(args) => cli::ca(args),
     };
     if let Err(e) = result {
         eprintln!("mycel: {e:#}");

@@ -26,6 +26,7 @@ use std::{
 
 use rustls::pki_types::CertificateDer;
 use serde::Serialize;
+use tokio::net::TcpSocket;
 
 mod authority;
 mod copy;
@@ -40,7 +41,8 @@ mod tests;
 pub use authority::{AuthorityError, HeadError, connect_target, parse_authority};
 pub use copy::CopyStats;
 pub use drain::DrainOutcome;
-pub use inbound::Inbound;
+pub use inbound::{Inbound, InboundContext};
+pub(crate) use metrics::OUTBOUND;
 pub use metrics::ProxyMetrics;
 pub use outbound::{Outbound, OutboundRequest};
 
@@ -85,8 +87,50 @@ pub trait Tls: Send + Sync + 'static {
 
 /// Decides whether an authenticated peer may reach a destination.
 pub trait Authorizer: Send + Sync + 'static {
-    /// `Err` carries the reason, which is logged.
-    fn allow(&self, peer: &str, dst: SocketAddr) -> Result<(), String>;
+    /// `peer` is the identity the peer proved (a SPIFFE URI), `peer_ip` the address its
+    /// connection came from (for `ipBlocks`). `Err` carries the reason, which is logged.
+    fn allow(&self, peer: &str, peer_ip: IpAddr, dst: SocketAddr) -> Result<(), String>;
+}
+
+/// Makes the sockets the proxy connects with, so the agent can open them where they
+/// must live (a workload's network namespace) and how (transparently).
+pub trait Connector: Send + Sync + 'static {
+    /// A socket for the outer HBONE connection of the local workload at `src` to `server`.
+    fn hbone_socket(&self, src: IpAddr, server: SocketAddr) -> SocketFuture<'_>;
+    /// A socket to reach the local workload at `dst` for a tunnel from `client`.
+    fn workload_socket(&self, client: IpAddr, dst: SocketAddr) -> SocketFuture<'_>;
+}
+
+/// What [`Connector`]s return: making a socket may need another thread.
+pub type SocketFuture<'a> = futures::future::BoxFuture<'a, std::io::Result<TcpSocket>>;
+
+impl fmt::Debug for dyn Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Connector")
+    }
+}
+
+/// Plain sockets of the agent's own network namespace: the source address is the node's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostConnector;
+
+impl Connector for HostConnector {
+    fn hbone_socket(&self, _src: IpAddr, server: SocketAddr) -> SocketFuture<'_> {
+        Box::pin(std::future::ready(socket_for(server)))
+    }
+
+    fn workload_socket(&self, _client: IpAddr, dst: SocketAddr) -> SocketFuture<'_> {
+        Box::pin(std::future::ready(socket_for(dst)))
+    }
+}
+
+/// An unconnected socket of `addr`'s family.
+pub fn socket_for(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
 }
 
 /// Tells which addresses belong to workloads on this node: tunnels may only end there,
@@ -94,6 +138,28 @@ pub trait Authorizer: Send + Sync + 'static {
 pub trait LocalWorkloads: Send + Sync + 'static {
     /// Whether `ip` is the address of a workload running on this node.
     fn is_local(&self, ip: IpAddr) -> bool;
+}
+
+/// HTTP/2 flow-control window of one tunnel. h2's default (64 KiB, the protocol's) lets
+/// one round trip move 64 KiB, which caps a tunnel far below what TCP does on a fast
+/// network; the windows are credits, not buffers: memory is only used when a receiver
+/// falls behind. ztunnel uses the same sizes.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 flow-control window of one connection, shared by its tunnels.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest HTTP/2 frame accepted: fewer frame headers and wakeups for bulk transfers.
+pub const MAX_FRAME: u32 = 256 * 1024;
+
+pub(crate) fn tune_h2_client(b: &mut h2::client::Builder) {
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME);
+}
+
+pub(crate) fn tune_h2_server(b: &mut h2::server::Builder) {
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME);
 }
 
 /// Limits and timeouts of the proxy.

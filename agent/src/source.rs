@@ -204,6 +204,9 @@ pub enum Problem {
     /// The message names the value.
     #[error("{0}")]
     BadCidr(String),
+    /// The message names the value and what is allowed.
+    #[error("{0}")]
+    BadLabel(String),
     #[error("{0} is not supported (only ALLOW and DENY are)")]
     UnsupportedAction(String),
     #[error("{0:?} is not an action (ALLOW or DENY)")]

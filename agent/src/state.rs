@@ -23,6 +23,7 @@ use serde::Serialize;
 
 pub mod identity;
 pub mod maglev;
+pub mod mesh;
 pub mod policy;
 
 pub use policy::{AuthorizationPolicy, EndpointPolicy, PolicySettings, PolicyState};
@@ -122,6 +123,13 @@ pub struct Workload {
     pub cgroup: Option<std::path::PathBuf>,
 }
 
+/// A Kubernetes Namespace, for the labels that enroll its workloads in the mesh. Its
+/// [`ObjectRef`] has an empty namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub meta: Meta,
+}
+
 /// One object from a source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resource {
@@ -129,6 +137,7 @@ pub enum Resource {
     EndpointSlice(EndpointSlice),
     Workload(Workload),
     AuthorizationPolicy(AuthorizationPolicy),
+    Namespace(Namespace),
 }
 
 /// Which kind of object a [`ResourceKey`] names.
@@ -138,6 +147,7 @@ pub enum Kind {
     EndpointSlice,
     Workload,
     AuthorizationPolicy,
+    Namespace,
 }
 
 /// Identifies one object across updates.
@@ -196,6 +206,7 @@ impl std::fmt::Display for Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Workload => "Workload",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::Namespace => "Namespace",
         })
     }
 }
@@ -227,6 +238,7 @@ impl Resource {
             Resource::EndpointSlice(s) => &s.meta,
             Resource::Workload(w) => &w.meta,
             Resource::AuthorizationPolicy(p) => &p.meta,
+            Resource::Namespace(n) => &n.meta,
         }
     }
 
@@ -237,6 +249,7 @@ impl Resource {
             Resource::EndpointSlice(_) => Kind::EndpointSlice,
             Resource::Workload(_) => Kind::Workload,
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Resource::Namespace(_) => Kind::Namespace,
         };
         ResourceKey {
             kind,
@@ -326,6 +339,8 @@ pub struct Applied {
     pub error_count: usize,
     /// True when a workload was added, changed or removed.
     pub workloads_changed: bool,
+    /// True when a workload or a namespace changed, so enrollment in the mesh may have.
+    pub mesh_changed: bool,
     /// True when [`State::policy`] changed (identities, ipcache, endpoints or policy names).
     pub policy_changed: bool,
     /// Warnings that are new since the last apply.
@@ -368,6 +383,8 @@ pub struct State {
     slices_of: HashMap<ObjectRef, BTreeSet<ObjectRef>>,
     workloads: BTreeMap<ObjectRef, Workload>,
     policies: BTreeMap<ObjectRef, AuthorizationPolicy>,
+    /// Namespaces by name.
+    namespaces: BTreeMap<String, Namespace>,
     policy_settings: PolicySettings,
     /// Keeps identities and the other numbers stable across compiles.
     compiler: policy::Compiler,
@@ -392,6 +409,7 @@ struct Touched {
     slices: BTreeSet<ObjectRef>,
     workloads: bool,
     policies: bool,
+    namespaces: bool,
     warnings: Vec<Warning>,
 }
 
@@ -420,6 +438,7 @@ impl State {
 
         let mut applied = Applied {
             workloads_changed: touched.workloads,
+            mesh_changed: touched.workloads || touched.namespaces,
             warnings: mem::take(&mut touched.warnings),
             ..Applied::default()
         };
@@ -482,6 +501,15 @@ impl State {
         self.workloads.values()
     }
 
+    /// The workload's mutual TLS mode; `None` when it is not enrolled in the mesh.
+    pub fn mesh_mode(&self, workload: &Workload) -> Option<mesh::MtlsMode> {
+        let namespace = self
+            .namespaces
+            .get(&workload.meta.id.namespace)
+            .map(|n| &n.meta.labels);
+        mesh::mode_of(&workload.meta.labels, namespace)
+    }
+
     /// Every problem currently standing (for debug output).
     pub fn errors(&self) -> impl Iterator<Item = &Error> {
         self.problems.values().flatten()
@@ -501,6 +529,10 @@ impl State {
             .chain(self.slices.keys().map(key(Kind::EndpointSlice)))
             .chain(self.workloads.keys().map(key(Kind::Workload)))
             .chain(self.policies.keys().map(key(Kind::AuthorizationPolicy)))
+            .chain(self.namespaces.values().map(|n| ResourceKey {
+                kind: Kind::Namespace,
+                id: n.meta.id.clone(),
+            }))
     }
 
     fn delete(&mut self, key: &ResourceKey, touched: &mut Touched) {
@@ -525,6 +557,11 @@ impl State {
             Kind::AuthorizationPolicy => {
                 if self.policies.remove(&key.id).is_some() {
                     touched.policies = true;
+                }
+            }
+            Kind::Namespace => {
+                if self.namespaces.remove(&key.id.name).is_some() {
+                    touched.namespaces = true;
                 }
             }
         }
@@ -580,6 +617,13 @@ impl State {
                 }
                 self.policies.insert(policy.meta.id.clone(), policy);
                 touched.policies = true;
+            }
+            Resource::Namespace(namespace) => {
+                let name = namespace.meta.id.name.clone();
+                if self.namespaces.get(&name) != Some(&namespace) {
+                    self.namespaces.insert(name, namespace);
+                    touched.namespaces = true;
+                }
             }
         }
     }

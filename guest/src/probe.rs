@@ -47,6 +47,16 @@ pub fn features() {
             BpfHelper::BPF_FUNC_get_netns_cookie,
         ),
         (
+            "helper:cgroup_sock_addr:get_current_pid_tgid",
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_current_pid_tgid,
+        ),
+        (
+            "helper:sock_ops:get_socket_cookie",
+            ProgramType::SockOps,
+            BpfHelper::BPF_FUNC_get_socket_cookie,
+        ),
+        (
             "helper:sock_ops:sock_hash_update",
             ProgramType::SockOps,
             BpfHelper::BPF_FUNC_sock_hash_update,

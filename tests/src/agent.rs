@@ -38,6 +38,8 @@ pub struct AgentOptions {
     kubernetes: Option<(PathBuf, String)>,
     /// Do not wait for readiness after starting.
     no_wait: bool,
+    /// `--ca-dir`; default: `ca` in the node's directory.
+    ca_dir: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -51,6 +53,13 @@ impl AgentOptions {
     /// the node's resource directory.
     pub fn kubernetes(mut self, kubeconfig: &std::path::Path, node_name: &str) -> Self {
         self.kubernetes = Some((kubeconfig.to_path_buf(), node_name.to_owned()));
+        self
+    }
+
+    /// Uses the CA in `dir` (agents of several nodes must share one). With the Kubernetes
+    /// source the CA must exist: the harness creates it, as an operator would the Secret.
+    pub fn ca_dir(mut self, dir: &std::path::Path) -> Self {
+        self.ca_dir = Some(dir.to_path_buf());
         self
     }
 
@@ -120,6 +129,16 @@ impl Agent<'_> {
             "--admin-addr".into(),
             ADMIN_ADDR.into(),
         ]);
+        let ca_dir = self
+            .opts
+            .ca_dir
+            .clone()
+            .unwrap_or_else(|| self.node.dir().join("ca"));
+        if self.opts.kubernetes.is_some() {
+            mycel_agent::identity::Ca::load_or_create(&ca_dir, "cluster.local")
+                .unwrap_or_else(|e| panic!("creating the test CA in {}: {e}", ca_dir.display()));
+        }
+        args.extend(["--ca-dir".into(), ca_dir.display().to_string()]);
         args.extend(self.opts.extra_args.iter().cloned());
         self.proc = Some(Proc::spawn_logged(
             Some(&self.node.netns),

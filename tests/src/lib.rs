@@ -40,8 +40,10 @@ pub mod node;
 pub mod process;
 pub mod resources;
 pub mod scenario;
+pub mod sniff;
 pub mod stats;
 pub mod testpod;
+pub mod twonode;
 
 pub use agent::{Agent, AgentOptions, ServiceInfo};
 pub use node::{Node, Pod};

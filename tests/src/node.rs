@@ -9,6 +9,9 @@
 //!  │ agent (admin 127.0.0.1:15000) │      │ processes in cgroup …/<pod>  │
 //!  └───────────────────────────────┘      └──────────────────────────────┘
 //! ```
+//!
+//! [`Node::with_subnet`] builds node number k with pod subnets 10.0.k.0/24 and
+//! fd00:0:0:k::/64 instead, so that several nodes can be linked (see [`crate::twonode`]).
 
 use std::ffi::OsStr;
 use std::fs;
@@ -27,9 +30,10 @@ use crate::process::Proc;
 use crate::resources::ResourceDir;
 use crate::testpod::{ClientReport, HoldEvent};
 
-/// The node's address on the bridge (the pods' IPv4 gateway).
+/// The address on the bridge of the node [`Node::new`] builds (the pods' IPv4 gateway).
 pub const NODE_IPV4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-/// The node's IPv6 address on the bridge (the pods' IPv6 gateway).
+/// The IPv6 address on the bridge of the node [`Node::new`] builds (the pods' IPv6
+/// gateway).
 pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
 /// How long a new pod's interfaces may take to become operational.
 const LINK_READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,6 +52,8 @@ pub struct Node {
     pub cgroup: PathBuf,
     /// The bpffs directory the agent pins under.
     pub bpffs: PathBuf,
+    /// The node's number k: its pods get 10.0.k.N/24 and fd00:0:0:k::N/64.
+    pub subnet: u8,
     dir: TempDir,
     resources: ResourceDir,
     pods: Mutex<Vec<Pod>>,
@@ -57,13 +63,20 @@ pub struct Node {
 
 impl Node {
     /// Builds a node: network namespace with `lo` and bridge `br0` up, a cgroup, a bpffs
-    /// directory and an empty resource directory. Panics if the machine cannot (call
-    /// [`crate::require_root!`] first).
+    /// directory and an empty resource directory. Its pods get 10.0.0.N/24 and fd00::N/64.
+    /// Panics if the machine cannot (call [`crate::require_root!`] first).
     #[expect(
         clippy::new_without_default,
         reason = "building a node creates namespaces and cgroups; `Default` would hide that"
     )]
     pub fn new() -> Node {
+        Node::with_subnet(0)
+    }
+
+    /// Builds node number `k` as [`Node::new`] does, with pod subnets 10.0.k.0/24 and
+    /// fd00:0:0:k::/64 (the bridge holds `.1` and `::1` of them), so that the pods of
+    /// several nodes have distinct addresses.
+    pub fn with_subnet(k: u8) -> Node {
         env::cleanup_stale();
         let id = format!(
             "{}-{}",
@@ -82,6 +95,7 @@ impl Node {
             netns: format!("{NETNS_PREFIX}{id}"),
             cgroup: cgroup_root.join(format!("{DIR_PREFIX}{id}")),
             bpffs: bpffs_root.join(format!("{DIR_PREFIX}{id}")),
+            subnet: k,
             dir,
             resources,
             pods: Mutex::new(Vec::new()),
@@ -99,12 +113,22 @@ impl Node {
             Some(&node.netns),
             &[
                 "link add br0 type bridge".to_owned(),
-                format!("addr add {NODE_IPV4}/24 dev br0"),
-                format!("addr add {NODE_IPV6}/64 dev br0 nodad"),
+                format!("addr add {}/24 dev br0", node.ipv4()),
+                format!("addr add {}/64 dev br0 nodad", node.ipv6()),
                 "link set br0 up".to_owned(),
             ],
         );
         node
+    }
+
+    /// The node's address on its bridge: the pods' IPv4 gateway (10.0.k.1).
+    pub fn ipv4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, self.subnet, 1)
+    }
+
+    /// The node's IPv6 address on its bridge: the pods' IPv6 gateway (fd00:0:0:k::1).
+    pub fn ipv6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0, 0, u16::from(self.subnet), 0, 0, 0, 1)
     }
 
     /// The test's temporary directory (agent logs, resources).
@@ -118,7 +142,7 @@ impl Node {
     }
 
     /// Adds a pod: network namespace `<node>-<name>` with `eth0` on the node's bridge (the
-    /// next free 10.0.0.N/24 and fd00::N/64, default routes via the node), and cgroup
+    /// next free 10.0.k.N/24 and fd00:0:0:k::N/64, default routes via the node), and cgroup
     /// `<node cgroup>/<name>`.
     pub fn pod(&self, name: &str) -> Pod {
         self.pod_with_cgroup(name, name)
@@ -135,8 +159,17 @@ impl Node {
         let pod = Pod {
             name: name.to_owned(),
             netns: format!("{}-{name}", self.netns),
-            ipv4: Ipv4Addr::new(10, 0, 0, host),
-            ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(host)),
+            ipv4: Ipv4Addr::new(10, 0, self.subnet, host),
+            ipv6: Ipv6Addr::new(
+                0xfd00,
+                0,
+                0,
+                u16::from(self.subnet),
+                0,
+                0,
+                0,
+                u16::from(host),
+            ),
             host_if: format!("veth{host}"),
             cgroup: self.cgroup.join(cgroup),
         };
@@ -165,8 +198,8 @@ impl Node {
                 format!("addr add {}/24 dev eth0", pod.ipv4),
                 format!("addr add {}/64 dev eth0 nodad", pod.ipv6),
                 "link set eth0 up".to_owned(),
-                format!("route add default via {NODE_IPV4}"),
-                format!("route add default via {NODE_IPV6}"),
+                format!("route add default via {}", self.ipv4()),
+                format!("route add default via {}", self.ipv6()),
             ],
         );
         for (ns, dev) in [

@@ -209,6 +209,30 @@ impl WorkloadYaml {
         }
     }
 
+    /// The same workload as another node's agent sees it: without network namespace,
+    /// interface and cgroup, which only exist on the pod's own node. The agent then knows
+    /// the pod's addresses and identity but attaches nothing for it.
+    pub fn remote(mut self) -> Self {
+        if let Some(spec) = self.value["spec"].as_object_mut() {
+            for field in ["netns", "interface", "cgroup"] {
+                spec.remove(field);
+            }
+        }
+        self
+    }
+
+    /// Adds (or replaces) the label `key: value`, e.g. `mycel.dev/mode: mesh` to enroll
+    /// the workload in the mesh.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.value["metadata"]["labels"][key] = json!(value);
+        self
+    }
+
+    /// The document as a JSON value.
+    pub fn to_value(&self) -> Value {
+        self.value.clone()
+    }
+
     /// The document as YAML text.
     pub fn to_yaml(&self) -> String {
         to_yaml(&self.value)
@@ -332,5 +356,36 @@ mod tests {
         assert_eq!(v["addressType"], "IPv6");
         assert_eq!(v["endpoints"][1]["conditions"]["ready"], false);
         assert_eq!(v["ports"][0]["port"], 8080);
+    }
+
+    #[test]
+    fn workload_document_local_and_remote() {
+        let pod = Pod {
+            name: "web-1".to_owned(),
+            netns: "myc-1-0-web-1".to_owned(),
+            ipv4: "10.0.2.2".parse().expect("address"),
+            ipv6: "fd00:0:0:2::2".parse().expect("address"),
+            host_if: "veth2".to_owned(),
+            cgroup: PathBuf::from("cg/web-1"),
+        };
+        let local = WorkloadYaml::for_pod(&pod, "web")
+            .label("mycel.dev/mode", "mesh")
+            .label("mycel.dev/mtls-mode", "STRICT");
+        let v = local.to_value();
+        assert_eq!(v["metadata"]["labels"]["app"], "web");
+        assert_eq!(v["metadata"]["labels"]["mycel.dev/mode"], "mesh");
+        assert_eq!(v["metadata"]["labels"]["mycel.dev/mtls-mode"], "STRICT");
+        assert_eq!(v["spec"]["interface"], "veth2");
+        assert_eq!(v["spec"]["cgroup"], "cg/web-1");
+        assert!(v["spec"]["netns"].is_string());
+
+        let remote = local.remote().to_value();
+        let spec = remote["spec"].as_object().expect("spec is an object");
+        for field in ["netns", "interface", "cgroup"] {
+            assert!(!spec.contains_key(field), "{field} is left in {remote}");
+        }
+        assert_eq!(remote["spec"]["addresses"][0], "10.0.2.2");
+        assert_eq!(remote["spec"]["serviceAccount"], "web");
+        assert_eq!(remote["metadata"]["labels"]["mycel.dev/mode"], "mesh");
     }
 }

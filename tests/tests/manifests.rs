@@ -11,6 +11,8 @@
 //!   for policy status, its probes name endpoints the agent serves (checked against the
 //!   real readiness server), and every setting the manifests give it is one of `mycel
 //!   agent`'s flags.
+//! - The agent reads the mesh's CA from a Secret mounted read-only, readable by it alone,
+//!   at the directory `MYCEL_CA_DIR` names, holding the files `mycel ca create` writes.
 //!
 //! The helm binary is not needed: [`chart`] renders the subset of Helm's template language
 //! the chart uses (listed in the chart's `templates/_helpers.tpl`) and fails on anything
@@ -34,6 +36,7 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::util::intstr::IntOrString,
 };
+use mycel_agent::identity::{CA_CERT_FILE, CA_KEY_FILE};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
@@ -285,7 +288,77 @@ impl Install {
         self.security_problems(&mut p);
         self.rbac_problems(&mut p);
         self.wiring_problems(&mut p);
+        self.ca_problems(&mut p);
         p
+    }
+
+    /// The Secret volume of the mesh's CA, if the agent mounts one where it should.
+    fn ca_volume(&self) -> Option<&k8s_openapi::api::core::v1::Volume> {
+        let mount = self
+            .agent()
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == CA_DIR)?;
+        self.pod_spec()
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+    }
+
+    /// The agent reads the mesh's CA from a Secret mounted read-only, only by itself, at
+    /// the directory `MYCEL_CA_DIR` names, with both files the agent loads.
+    fn ca_problems(&self, p: &mut Vec<String>) {
+        let c = self.agent();
+        let Some(mount) = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == CA_DIR)
+        else {
+            p.push(format!("the CA Secret must be mounted at {CA_DIR}"));
+            return;
+        };
+        if mount.read_only != Some(true) {
+            p.push(format!("the CA mount {} must be read-only", mount.name));
+        }
+        let dir = self.settings().get("MYCEL_CA_DIR").cloned();
+        if dir.as_deref() != Some(CA_DIR) {
+            p.push(format!("MYCEL_CA_DIR must be {CA_DIR}, is {dir:?}"));
+        }
+        let Some(secret) = self.ca_volume().and_then(|v| v.secret.as_ref()) else {
+            p.push(format!(
+                "the volume {} mounted at {CA_DIR} must be a Secret",
+                mount.name
+            ));
+            return;
+        };
+        if secret.secret_name.as_deref().is_none_or(str::is_empty) {
+            p.push("the CA volume names no Secret".into());
+        }
+        if secret.optional == Some(true) {
+            p.push("the CA Secret must not be optional: the agent cannot run without it".into());
+        }
+        let modes = std::iter::once(secret.default_mode.unwrap_or(0o644))
+            .chain(secret.items.iter().flatten().filter_map(|i| i.mode));
+        for mode in modes {
+            if mode & 0o077 != 0 {
+                p.push(format!(
+                    "the CA key would be readable by others than the agent (mode {mode:o})"
+                ));
+            }
+        }
+        // Without `items` every key of the Secret becomes a file of its name.
+        if let Some(items) = &secret.items {
+            for file in [CA_CERT_FILE, CA_KEY_FILE] {
+                if !items.iter().any(|i| i.key == file && i.path == file) {
+                    p.push(format!(
+                        "the CA Secret's key {file} must be the file {file} in {CA_DIR}"
+                    ));
+                }
+            }
+        }
     }
 
     fn security_problems(&self, p: &mut Vec<String>) {
@@ -580,6 +653,9 @@ impl Install {
         }
     }
 }
+
+/// Where the agent finds the mesh's CA in its container, and the files it reads there.
+const CA_DIR: &str = "/var/run/secrets/mycel/ca";
 
 /// The paths the probes use; [`probes_reach_the_agents_endpoints`] checks that the
 /// agent's readiness listener answers them as a kubelet needs.
@@ -879,6 +955,58 @@ fn the_rules_catch_mistakes() {
             "ConfigMap",
             Box::new(|v: &mut Value| v["data"]["MYCEL_DETACH_ON_EXIT"] = json!("yes")),
         ),
+        (
+            "read-only",
+            "DaemonSet",
+            Box::new(|v: &mut Value| {
+                ca_mount(v)["readOnly"] = json!(false);
+            }),
+        ),
+        (
+            "MYCEL_CA_DIR",
+            "DaemonSet",
+            Box::new(|v: &mut Value| {
+                let env = v["spec"]["template"]["spec"]["containers"][0]["env"]
+                    .as_array_mut()
+                    .expect("env");
+                let ca = env
+                    .iter_mut()
+                    .find(|e| e["name"] == "MYCEL_CA_DIR")
+                    .expect("MYCEL_CA_DIR in env");
+                ca["value"] = json!("/etc/mycel/ca");
+            }),
+        ),
+        (
+            "readable by others",
+            "DaemonSet",
+            Box::new(|v: &mut Value| {
+                ca_secret(v)["defaultMode"] = json!(0o644);
+            }),
+        ),
+        (
+            "ca-key.pem",
+            "DaemonSet",
+            Box::new(|v: &mut Value| {
+                ca_secret(v)["items"]
+                    .as_array_mut()
+                    .expect("items")
+                    .retain(|i| i["key"] != "ca-key.pem");
+            }),
+        ),
+        (
+            "must not be optional",
+            "DaemonSet",
+            Box::new(|v: &mut Value| {
+                ca_secret(v)["optional"] = json!(true);
+            }),
+        ),
+        (
+            "must be mounted",
+            "DaemonSet",
+            Box::new(|v: &mut Value| {
+                ca_mount(v)["mountPath"] = json!("/ca");
+            }),
+        ),
     ];
     for (expected, kind, f) in cases {
         let docs = mutate(kind, &*f);
@@ -891,6 +1019,61 @@ fn the_rules_catch_mistakes() {
             "a mutation of the {kind} that should be reported as {expected:?} gave {problems:?}"
         );
     }
+}
+
+/// The agent's mount of the CA Secret in a DaemonSet document.
+fn ca_mount(ds: &mut Value) -> &mut Value {
+    ds["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .expect("volumeMounts")
+        .iter_mut()
+        .find(|m| m["mountPath"] == CA_DIR)
+        .expect("a mount at the CA directory")
+}
+
+/// The `secret` of the CA volume in a DaemonSet document.
+fn ca_secret(ds: &mut Value) -> &mut Value {
+    let volume = ds["spec"]["template"]["spec"]["volumes"]
+        .as_array_mut()
+        .expect("volumes")
+        .iter_mut()
+        .find(|v| v.get("secret").is_some())
+        .expect("a Secret volume");
+    &mut volume["secret"]
+}
+
+#[test]
+fn the_agent_gets_the_ca_secret_that_mycel_ca_create_writes() {
+    let install = Install::from_docs(&plain_docs());
+    let secret = install
+        .ca_volume()
+        .and_then(|v| v.secret.clone())
+        .expect("the CA volume is a Secret");
+    assert_eq!(secret.secret_name.as_deref(), Some("mycel-ca"));
+    let readme = read(&repo().join("manifests/README.md"));
+    let create = "mycel ca create --dir ca && kubectl -n mycel-system create secret generic mycel-ca --from-file=ca/";
+    assert!(
+        readme.contains(create),
+        "manifests/README.md must say how to create the CA Secret: {create}"
+    );
+    // What `mycel ca create` writes is what the Secret volume shows the agent.
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let dir = tmp.path().join("ca");
+    mycel_agent::identity::Ca::create(&dir, "cluster.local").expect("a new CA");
+    let written: BTreeSet<String> = fs::read_dir(&dir)
+        .expect("the CA directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let mounted: BTreeSet<String> = secret
+        .items
+        .iter()
+        .flatten()
+        .map(|i| i.path.clone())
+        .collect();
+    assert_eq!(
+        written, mounted,
+        "`kubectl create secret --from-file=ca/` makes a key of each file in ca/"
+    );
 }
 
 #[test]
@@ -950,6 +1133,7 @@ fn chart_with_other_values_still_holds_the_rules() {
         "nodeSelector": null,
         "extraEnv": [{"name": "MYCEL_FLOW_LOG", "value": "/var/log/mycel/flows.log"}],
         "resources": {"requests": {"cpu": "50m"}},
+        "ca": {"secretName": "mesh-root-ca"},
     });
     let docs = chart_docs(&overrides);
     assert_all_typed(&docs);
@@ -974,6 +1158,12 @@ fn chart_with_other_values_still_holds_the_rules() {
     assert_eq!(settings["MYCEL_LOG"], "mycel_agent=debug");
     assert_eq!(settings["MYCEL_ADMIN_ADDR"], "127.0.0.1:16000");
     assert_eq!(settings["MYCEL_FLOW_LOG"], "/var/log/mycel/flows.log");
+    let secret = install.ca_volume().and_then(|v| v.secret.clone());
+    assert_eq!(
+        secret.and_then(|s| s.secret_name).as_deref(),
+        Some("mesh-root-ca"),
+        "ca.secretName names the Secret"
+    );
     let requests = c
         .resources
         .as_ref()

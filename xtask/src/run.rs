@@ -21,6 +21,10 @@ pub const BENCHES: &[(&str, &str)] = &[
         "controlplane",
         "the Kubernetes source at scale: time to ready, memory, EndpointSlice change → map latency",
     ),
+    (
+        "mtls",
+        "the mesh between two nodes: direct vs L4 vs mTLS throughput, latency, connection rate, proxy CPU and memory",
+    ),
 ];
 
 /// Runs the demo; needs root.

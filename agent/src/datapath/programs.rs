@@ -8,7 +8,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSockAddr, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -30,6 +30,10 @@ pub const PROGRAMS: [(&str, Option<Fallback>); 8] = [
     ("getpeername4", None),
     ("getpeername6", None),
 ];
+
+/// The cgroup sock_ops program, attached to the same cgroup: it hands a redirected
+/// connection's original destination over to the proxy (see `mycel_common::mesh`).
+pub const SOCK_OPS: &str = "sock_ops";
 
 /// A program variant for kernels lacking a feature.
 #[derive(Clone, Copy, Debug)]
@@ -177,30 +181,11 @@ pub(super) fn attach_all(
             }
         };
         let pin = pin_dir.join("links").join(name);
-        let link_err = |detail: String| Error::Link {
-            name,
-            path: pin.clone(),
-            detail,
-        };
-        // Keep the old link's fd open until the new one is pinned in its place.
-        let old = if pin.exists() {
-            let old = PinnedLink::from_pin(&pin).map_err(|e| link_err(e.to_string()))?;
-            Some(old.unpin().map_err(|e| link_err(e.to_string()))?)
-        } else {
-            None
-        };
-        let took_over = old.is_some();
-        let pinned = link_id.pin(&pin).map_err(|e| link_err(e.to_string()))?;
-        drop(old);
-        debug!(hook = name, program = %program_name, pin = %pin.display(), took_over, "attached");
-        attached.push(AttachedProgram {
-            name,
-            program: program_name,
-            pin,
-            _link: pinned,
-            took_over,
-        });
+        attached.push(pin_link(name, program_name, link_id, pin)?);
     }
+    let pin = pin_dir.join("links").join(SOCK_OPS);
+    let link = load_and_attach_sock_ops(ebpf, &cgroup_file)?;
+    attached.push(pin_link(SOCK_OPS, SOCK_OPS.to_string(), link, pin)?);
     info!(
         cgroup = %cgroup.display(),
         programs = attached.len(),
@@ -208,6 +193,38 @@ pub(super) fn attach_all(
         "socket programs attached"
     );
     Ok((attached, features))
+}
+
+/// Pins `link` at `pin`, replacing an earlier agent's link there: the old link's fd stays
+/// open until the new one is pinned in its place.
+fn pin_link(
+    name: &'static str,
+    program_name: String,
+    link: FdLink,
+    pin: PathBuf,
+) -> Result<AttachedProgram, Error> {
+    let link_err = |detail: String| Error::Link {
+        name,
+        path: pin.clone(),
+        detail,
+    };
+    let old = if pin.exists() {
+        let old = PinnedLink::from_pin(&pin).map_err(|e| link_err(e.to_string()))?;
+        Some(old.unpin().map_err(|e| link_err(e.to_string()))?)
+    } else {
+        None
+    };
+    let took_over = old.is_some();
+    let pinned = link.pin(&pin).map_err(|e| link_err(e.to_string()))?;
+    drop(old);
+    debug!(hook = name, program = %program_name, pin = %pin.display(), took_over, "attached");
+    Ok(AttachedProgram {
+        name,
+        program: program_name,
+        pin,
+        _link: pinned,
+        took_over,
+    })
 }
 
 fn note_feature(features: &mut Vec<KernelFeature>, f: Fallback, available: bool) {
@@ -247,6 +264,32 @@ fn load_and_attach(ebpf: &mut Ebpf, name: &str, cgroup: &fs::File) -> Result<FdL
     FdLink::try_from(link).map_err(|e| Error::Link {
         name: hook,
         path: PathBuf::from(name),
+        detail: format!("the kernel did not give a bpf_link (needs Linux ≥ 5.7): {e}"),
+    })
+}
+
+/// Loads the sock_ops program and attaches it to the cgroup, returning its link.
+fn load_and_attach_sock_ops(ebpf: &mut Ebpf, cgroup: &fs::File) -> Result<FdLink, Error> {
+    let program: &mut SockOps = ebpf
+        .program_mut(SOCK_OPS)
+        .ok_or_else(|| Error::Link {
+            name: SOCK_OPS,
+            path: PathBuf::from(SOCK_OPS),
+            detail: "program missing from the eBPF object".into(),
+        })?
+        .try_into()
+        .map_err(|e| prog_err(SOCK_OPS, e))?;
+    program.load().map_err(|e| prog_err(SOCK_OPS, e))?;
+    // As for the sock_addr programs: a bpf_link, which coexists with other programs.
+    let link_id = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(|e| prog_err(SOCK_OPS, e))?;
+    let link = program
+        .take_link(link_id)
+        .map_err(|e| prog_err(SOCK_OPS, e))?;
+    FdLink::try_from(link).map_err(|e| Error::Link {
+        name: SOCK_OPS,
+        path: PathBuf::from(SOCK_OPS),
         detail: format!("the kernel did not give a bpf_link (needs Linux ≥ 5.7): {e}"),
     })
 }

@@ -9,8 +9,18 @@
 //! difference to the previous report of the same flow, kept in a bounded [`Tracker`].
 //! Reports are flow events and, for connections that stay open, periodic reads of the
 //! kernel's flow table ([`Metrics::record_table_entry`]).
+//!
+//! The `istio_tcp_*` families ([`IstioTcp`]) are shared with the node proxy, so that one
+//! family holds every TCP connection: plaintext ones as the kernel saw them
+//! (`connection_security_policy="none"`) and mutual-TLS tunnels as the proxy carried them
+//! (`"mutual_tls"`). The kernel's view of a tunnel itself — the outer connection to the
+//! HBONE port — is left out of them (it stays in `hubble_flows_processed_total`): the
+//! proxy reports the same connection with the real workloads at both ends.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use mycel_common::{
     flow::{FLOW_EVENT_CLOSED, FLOW_EVENT_DROP, FLOW_EVENT_NEW, FlowEvent, FlowKey, FlowValue},
@@ -22,7 +32,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::record::{Endpoint, Flow, Verdict, verdict_of};
+use super::{
+    directory::{Directory, WorkloadInfo},
+    record::{Endpoint, Flow, Verdict, verdict_of},
+};
+use crate::proxy::HBONE_PORT;
 
 /// Istio's label set for TCP metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,11 +57,16 @@ pub struct IstioTcpLabels {
     pub destination_service_namespace: &'static str,
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
-    /// The kernel path carries no TLS.
+    /// `none` for what the kernel saw (it carries no TLS), `mutual_tls` for what the node
+    /// proxy carried in HBONE tunnels.
     pub connection_security_policy: &'static str,
 }
 
 const UNKNOWN: &str = "unknown";
+/// Istio's `connection_security_policy` of plaintext connections.
+pub const PLAINTEXT: &str = "none";
+/// Istio's `connection_security_policy` of connections carried over mutual TLS.
+pub const MUTUAL_TLS: &str = "mutual_tls";
 
 fn or_unknown(v: Option<&String>) -> String {
     v.cloned().unwrap_or_else(|| UNKNOWN.to_string())
@@ -71,9 +90,136 @@ impl IstioTcpLabels {
             destination_service_namespace: UNKNOWN,
             request_protocol: "tcp",
             response_flags: "-",
-            connection_security_policy: "none",
+            connection_security_policy: PLAINTEXT,
         }
     }
+
+    /// Labels of a connection the node proxy carried in a mutual-TLS tunnel. `reporter` is
+    /// `source` on the client's node and `destination` on the server's; each end is its
+    /// address and, when known, its authenticated SPIFFE ID (from the certificates).
+    ///
+    /// Workload names come from `directory` by address, but only when the workload found
+    /// there has the identity the certificate proved: an address that is not the
+    /// workload's own (a node address, a reused pod IP) must not lend its name to the
+    /// connection. Without a match the namespace still comes from the SPIFFE ID.
+    pub fn tunnel(
+        directory: &Directory,
+        reporter: &'static str,
+        source: (IpAddr, Option<&str>),
+        destination: (IpAddr, Option<&str>),
+    ) -> Self {
+        let src = TunnelEnd::resolve(directory, source.0, source.1);
+        let dst = TunnelEnd::resolve(directory, destination.0, destination.1);
+        Self {
+            reporter,
+            source_workload: src.workload,
+            source_workload_namespace: src.namespace,
+            source_principal: src.principal,
+            source_app: src.app,
+            destination_workload: dst.workload,
+            destination_workload_namespace: dst.namespace,
+            destination_principal: dst.principal,
+            destination_app: dst.app,
+            destination_service: UNKNOWN,
+            destination_service_name: UNKNOWN,
+            destination_service_namespace: UNKNOWN,
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: MUTUAL_TLS,
+        }
+    }
+}
+
+/// One end of a tunnelled connection, as label values.
+struct TunnelEnd {
+    workload: String,
+    namespace: String,
+    principal: String,
+    app: String,
+}
+
+impl TunnelEnd {
+    fn resolve(directory: &Directory, ip: IpAddr, principal: Option<&str>) -> Self {
+        let found = directory.workload(ip);
+        let workload: Option<&WorkloadInfo> = found
+            .as_deref()
+            .filter(|w| principal.is_none_or(|p| p == w.principal));
+        match (workload, principal) {
+            (Some(w), _) => Self {
+                workload: w.name.clone(),
+                namespace: w.namespace.clone(),
+                principal: principal.unwrap_or(&w.principal).to_string(),
+                app: w.app.clone().unwrap_or_else(|| UNKNOWN.to_string()),
+            },
+            (None, Some(p)) => Self {
+                workload: UNKNOWN.to_string(),
+                namespace: spiffe_namespace(p).unwrap_or(UNKNOWN).to_string(),
+                principal: p.to_string(),
+                app: UNKNOWN.to_string(),
+            },
+            (None, None) => Self {
+                workload: UNKNOWN.to_string(),
+                namespace: UNKNOWN.to_string(),
+                principal: UNKNOWN.to_string(),
+                app: UNKNOWN.to_string(),
+            },
+        }
+    }
+}
+
+/// The namespace of a Kubernetes-form SPIFFE ID, `spiffe://<td>/ns/<ns>/sa/<sa>`.
+fn spiffe_namespace(id: &str) -> Option<&str> {
+    let path = id.strip_prefix("spiffe://")?.split_once('/')?.1;
+    match path.split('/').collect::<Vec<_>>().as_slice() {
+        ["ns", ns, "sa", _] if !ns.is_empty() => Some(ns),
+        _ => None,
+    }
+}
+
+/// The `istio_tcp_*` families: one set per registry, shared by the kernel flows and the
+/// node proxy (one name may be registered only once). Cheap to clone: clones count into
+/// the same series.
+#[derive(Clone, Debug, Default)]
+pub struct IstioTcp {
+    /// `istio_tcp_sent_bytes_total`: bytes the destination sent (responses).
+    pub sent_bytes: Family<IstioTcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total`: bytes the destination received (requests).
+    pub received_bytes: Family<IstioTcpLabels, Counter>,
+    /// `istio_tcp_connections_opened_total`.
+    pub connections_opened: Family<IstioTcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub connections_closed: Family<IstioTcpLabels, Counter>,
+}
+
+impl IstioTcp {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent by the destination of TCP connections (responses)",
+            self.sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received by the destination of TCP connections (requests)",
+            self.received_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            self.connections_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            self.connections_closed.clone(),
+        );
+    }
+}
+
+/// Whether the kernel flow `key` is an HBONE tunnel: a TCP connection to the HBONE port.
+/// The port is Istio ambient's fixed 15008, which peers dial whatever a node configures.
+fn is_tunnel(key: &FlowKey) -> bool {
+    key.proto == 6 && u16::from_be(key.dport_be) == HBONE_PORT
 }
 
 /// `hubble_flows_processed_total` labels.
@@ -105,14 +251,8 @@ pub struct LogDropLabels {
 /// Metrics of the flow pipeline.
 #[derive(Clone, Debug)]
 pub struct Metrics {
-    /// `istio_tcp_sent_bytes_total`: bytes the destination sent (responses).
-    pub tcp_sent_bytes: Family<IstioTcpLabels, Counter>,
-    /// `istio_tcp_received_bytes_total`: bytes the destination received (requests).
-    pub tcp_received_bytes: Family<IstioTcpLabels, Counter>,
-    /// `istio_tcp_connections_opened_total`.
-    pub tcp_connections_opened: Family<IstioTcpLabels, Counter>,
-    /// `istio_tcp_connections_closed_total`.
-    pub tcp_connections_closed: Family<IstioTcpLabels, Counter>,
+    /// `istio_tcp_*`, shared with the node proxy ([`Metrics::istio_tcp`]).
+    pub tcp: IstioTcp,
     /// `hubble_flows_processed_total{type,subtype,verdict}`: flow events processed.
     pub flows_processed: Family<HubbleFlowLabels, Counter>,
     /// `hubble_drop_total{reason,protocol}`.
@@ -130,10 +270,7 @@ impl Metrics {
     /// Registers every flow metric in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
-            tcp_sent_bytes: Family::default(),
-            tcp_received_bytes: Family::default(),
-            tcp_connections_opened: Family::default(),
-            tcp_connections_closed: Family::default(),
+            tcp: IstioTcp::default(),
             flows_processed: Family::default(),
             drops: Family::default(),
             log_dropped: Family::default(),
@@ -144,26 +281,7 @@ impl Metrics {
         for reason in ["queue_full", "write_error"] {
             drop(m.log_dropped.get_or_create(&LogDropLabels { reason }));
         }
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "Bytes sent by the destination of TCP connections",
-            m.tcp_sent_bytes.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "Bytes received by the destination of TCP connections",
-            m.tcp_received_bytes.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_opened",
-            "TCP connections opened",
-            m.tcp_connections_opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "TCP connections closed",
-            m.tcp_connections_closed.clone(),
-        );
+        m.tcp.register(registry);
         registry.register(
             "hubble_flows_processed",
             "Flow events processed",
@@ -187,6 +305,11 @@ impl Metrics {
             m.tracker_evictions.clone(),
         );
         m
+    }
+
+    /// The `istio_tcp_*` families, for the node proxy to count its tunnels in.
+    pub fn istio_tcp(&self) -> IstioTcp {
+        self.tcp.clone()
     }
 
     /// Counts one event (already resolved to `flow`), using `tracker` for byte deltas.
@@ -220,8 +343,9 @@ impl Metrics {
                 .inc();
         }
 
-        // Istio's TCP metrics cover TCP connections that went through.
-        if ev.key.proto != 6 {
+        // Istio's TCP metrics cover TCP connections that went through, less the tunnels,
+        // which the proxy counts.
+        if ev.key.proto != 6 || is_tunnel(&ev.key) {
             return;
         }
         let id = ev.key;
@@ -229,7 +353,7 @@ impl Metrics {
         if flow.verdict == Verdict::Dropped || ev.kind == FLOW_EVENT_DROP {
             // A connection cut by a policy change ends here.
             if tracker.remove(&id).is_some_and(|t| t.opened) {
-                self.tcp_connections_closed.get_or_create(&labels()).inc();
+                self.tcp.connections_closed.get_or_create(&labels()).inc();
             }
             self.tracked.set(tracker.len() as i64);
             return;
@@ -238,11 +362,11 @@ impl Metrics {
         let labels = labels();
         self.add_bytes(&labels, fwd, rev);
         if ev.kind == FLOW_EVENT_NEW && !opened_before {
-            self.tcp_connections_opened.get_or_create(&labels).inc();
+            self.tcp.connections_opened.get_or_create(&labels).inc();
             tracker.mark_opened(&id);
         }
         if ev.kind == FLOW_EVENT_CLOSED {
-            self.tcp_connections_closed.get_or_create(&labels).inc();
+            self.tcp.connections_closed.get_or_create(&labels).inc();
             tracker.remove(&id);
         }
         self.tracker_gauges(tracker);
@@ -260,7 +384,11 @@ impl Metrics {
         tracker: &mut Tracker,
         count: bool,
     ) {
-        if ev.key.proto != 6 || ev.value.closed != 0 || verdict_of(ev) == Verdict::Dropped {
+        if ev.key.proto != 6
+            || is_tunnel(&ev.key)
+            || ev.value.closed != 0
+            || verdict_of(ev) == Verdict::Dropped
+        {
             return;
         }
         let (fwd, rev, _) = tracker.update(&ev.key, &ev.value);
@@ -276,10 +404,10 @@ impl Metrics {
 
     fn add_bytes(&self, labels: &IstioTcpLabels, fwd: u64, rev: u64) {
         if fwd > 0 {
-            self.tcp_received_bytes.get_or_create(labels).inc_by(fwd);
+            self.tcp.received_bytes.get_or_create(labels).inc_by(fwd);
         }
         if rev > 0 {
-            self.tcp_sent_bytes.get_or_create(labels).inc_by(rev);
+            self.tcp.sent_bytes.get_or_create(labels).inc_by(rev);
         }
     }
 
@@ -289,6 +417,15 @@ impl Metrics {
             self.tracker_evictions.inc_by(evicted);
         }
         self.tracked.set(tracker.len() as i64);
+    }
+}
+
+// Here rather than in `flows.rs` because it only hands out what this module registered.
+impl super::Flows {
+    /// The `istio_tcp_*` families this pipeline registered, for the node proxy
+    /// ([`crate::proxy::ProxyMetrics::new`]) to count its tunnels in the same series.
+    pub fn istio_tcp(&self) -> IstioTcp {
+        self.metrics.istio_tcp()
     }
 }
 
@@ -578,6 +715,181 @@ mod tests {
                 &["subtype=\"from-endpoint\""]
             ),
             Some(1.0)
+        );
+    }
+
+    #[test]
+    fn hbone_tunnels_are_left_to_the_proxy() {
+        let mut h = Harness::new(16);
+        let mut ev = event(FLOW_EVENT_NEW, "10.0.0.1:40000", "10.0.0.2:15008", 6);
+        ev.value.bytes_fwd = 700;
+        h.feed(&ev);
+        let mut entry = ev;
+        entry.value.bytes_fwd = 5_000;
+        let flow = Flow::from_event(&entry, &h.dir, SystemTime::now());
+        h.metrics
+            .record_table_entry(&entry, || flow.clone(), &mut h.tracker, true);
+        ev.kind = FLOW_EVENT_CLOSED;
+        ev.value.bytes_fwd = 9_000;
+        h.feed(&ev);
+        // The same addresses on another port are an ordinary connection.
+        h.feed(&event(
+            FLOW_EVENT_NEW,
+            "10.0.0.1:40001",
+            "10.0.0.2:15009",
+            6,
+        ));
+        let t = h.text();
+        assert_eq!(
+            value(&t, "istio_tcp_connections_opened_total", &[]),
+            Some(1.0),
+            "{t}"
+        );
+        assert_eq!(series(&t, "istio_tcp_connections_closed_total"), 0, "{t}");
+        assert_eq!(series(&t, "istio_tcp_received_bytes_total"), 1, "{t}");
+        assert_eq!(
+            value(&t, "istio_tcp_received_bytes_total", &[]),
+            Some(60.0),
+            "only the other connection's first packet: {t}"
+        );
+        assert_eq!(
+            value(
+                &t,
+                "hubble_flows_processed_total",
+                &["verdict=\"FORWARDED\""]
+            ),
+            Some(3.0),
+            "tunnels still count as flows: {t}"
+        );
+        assert!(h.tracker.len() <= 1, "tunnels are not tracked");
+    }
+
+    #[test]
+    fn tunnel_labels_come_from_certificates_and_the_directory() {
+        let dir = directory();
+        let a = "spiffe://cluster.local/ns/shop/sa/a";
+        let b = "spiffe://cluster.local/ns/shop/sa/b";
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let l = IstioTcpLabels::tunnel(
+            &dir,
+            "destination",
+            (ip("10.0.0.1"), Some(a)),
+            (ip("10.0.0.2"), Some(b)),
+        );
+        assert_eq!(l.reporter, "destination");
+        assert_eq!(l.connection_security_policy, MUTUAL_TLS);
+        assert_eq!(
+            (
+                l.source_workload.as_str(),
+                l.source_workload_namespace.as_str(),
+                l.source_principal.as_str(),
+                l.source_app.as_str()
+            ),
+            ("a", "shop", a, "a")
+        );
+        assert_eq!(
+            (
+                l.destination_workload.as_str(),
+                l.destination_workload_namespace.as_str(),
+                l.destination_principal.as_str()
+            ),
+            ("b", "shop", b)
+        );
+        assert_eq!(
+            (l.request_protocol, l.response_flags, l.destination_service),
+            ("tcp", "-", "unknown")
+        );
+
+        // An address whose workload is not the one the certificate proved (here a's
+        // address with someone else's certificate) does not lend its name; the namespace
+        // still comes from the SPIFFE ID.
+        let other = "spiffe://cluster.local/ns/tools/sa/curl";
+        let l = IstioTcpLabels::tunnel(
+            &dir,
+            "destination",
+            (ip("10.0.0.1"), Some(other)),
+            (ip("192.0.2.1"), None),
+        );
+        assert_eq!(l.source_workload, "unknown");
+        assert_eq!(l.source_workload_namespace, "tools");
+        assert_eq!(l.source_principal, other);
+        assert_eq!(l.source_app, "unknown");
+        assert_eq!(
+            (
+                l.destination_workload.as_str(),
+                l.destination_workload_namespace.as_str(),
+                l.destination_principal.as_str()
+            ),
+            ("unknown", "unknown", "unknown")
+        );
+        // No certificate identity: the directory names the workload and its principal.
+        let l = IstioTcpLabels::tunnel(
+            &dir,
+            "source",
+            (ip("::ffff:10.0.0.1"), None),
+            (ip("10.0.0.2"), Some(b)),
+        );
+        assert_eq!(l.source_workload, "a");
+        assert_eq!(l.source_principal, a);
+    }
+
+    #[test]
+    fn spiffe_namespaces_are_read_from_kubernetes_ids_only() {
+        assert_eq!(
+            spiffe_namespace("spiffe://cluster.local/ns/shop/sa/a"),
+            Some("shop")
+        );
+        for not in [
+            "spiffe://cluster.local/ns//sa/a",
+            "spiffe://cluster.local/ns/shop",
+            "spiffe://cluster.local/ns/shop/sa/a/extra",
+            "spiffe://cluster.local",
+            "https://cluster.local/ns/shop/sa/a",
+        ] {
+            assert_eq!(spiffe_namespace(not), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn the_proxy_and_the_kernel_count_into_one_family() {
+        let mut h = Harness::new(16);
+        h.feed(&event(FLOW_EVENT_NEW, "10.0.0.1:40000", "10.0.0.2:8080", 6));
+        let shared = h.metrics.istio_tcp();
+        let labels = IstioTcpLabels::tunnel(
+            &h.dir,
+            "destination",
+            (
+                "10.0.0.1".parse().unwrap(),
+                Some("spiffe://cluster.local/ns/shop/sa/a"),
+            ),
+            (
+                "10.0.0.2".parse().unwrap(),
+                Some("spiffe://cluster.local/ns/shop/sa/b"),
+            ),
+        );
+        shared.connections_opened.get_or_create(&labels).inc();
+        let t = h.text();
+        assert_eq!(series(&t, "istio_tcp_connections_opened_total"), 2, "{t}");
+        for policy in ["none", "mutual_tls"] {
+            assert_eq!(
+                value(
+                    &t,
+                    "istio_tcp_connections_opened_total",
+                    &[
+                        "source_workload=\"a\"",
+                        "destination_workload=\"b\"",
+                        &format!("connection_security_policy=\"{policy}\"")
+                    ]
+                ),
+                Some(1.0),
+                "{t}"
+            );
+        }
+        assert_eq!(
+            t.matches("# TYPE istio_tcp_connections_opened counter")
+                .count(),
+            1,
+            "{t}"
         );
     }
 

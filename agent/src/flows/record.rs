@@ -10,8 +10,8 @@ use std::{
 use mycel_common::{
     flow::{FLOW_EVENT_CLOSED, FLOW_EVENT_DROP, FLOW_EVENT_NEW, FlowEvent},
     policy::{
-        DIR_INGRESS, DROP_REASON_NONE, DROP_REASON_POLICY_DEFAULT_DENY, DROP_REASON_POLICY_DENY,
-        IDENTITY_HOST, VERDICT_DENY,
+        DIR_INGRESS, DROP_REASON_MTLS_STRICT, DROP_REASON_NONE, DROP_REASON_POLICY_DEFAULT_DENY,
+        DROP_REASON_POLICY_DENY, IDENTITY_HOST, VERDICT_DENY,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -158,6 +158,9 @@ pub fn drop_reason_name(reason: u8) -> Cow<'static, str> {
         DROP_REASON_POLICY_DEFAULT_DENY => "POLICY_DENIED".into(),
         // Cilium's DROP_POLICY_DENY ("Policy denied by denylist").
         DROP_REASON_POLICY_DENY => "POLICY_DENY".into(),
+        // Cilium's DROP_POLICY_AUTH_REQUIRED ("Authentication required"): the workload
+        // accepts only mutually authenticated traffic and this was plaintext.
+        DROP_REASON_MTLS_STRICT => "AUTH_REQUIRED".into(),
         n => Cow::Owned(format!("UNKNOWN_{n}")),
     }
 }

@@ -123,27 +123,51 @@ impl Ca {
                 present: key_path,
                 missing: cert_path,
             }),
-            (false, false) => {
-                DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(|source| Error::Io {
-                        action: "creating the CA directory",
-                        path: dir.to_owned(),
-                        source,
-                    })?;
-                let mut ca = Ca::generate(trust_domain, SystemTime::now())?;
-                // The key first: if the agent stops between the two writes, the next start
-                // finds a key without a certificate and says so, instead of a certificate
-                // whose key is lost.
-                write_atomically(&key_path, ca.issuer.key().serialize_pem().as_bytes(), 0o600)?;
-                write_atomically(&cert_path, ca.cert_pem().as_bytes(), 0o644)?;
-                ca.origin = cert_path.display().to_string();
-                tracing::info!(dir = %dir.display(), %trust_domain, "created a new CA");
-                Ok(ca)
+            (false, false) => Ca::create(dir, trust_domain),
+        }
+    }
+
+    /// Creates a new CA for `trust_domain` in `dir` (created with mode 0700 if missing):
+    /// [`CA_KEY_FILE`] (0600), then [`CA_CERT_FILE`] (0644), each written whole or not at
+    /// all. Refuses when either file exists, since a new CA would invalidate every
+    /// certificate the old one issued. What [`Ca::load_or_create`] does on a first start,
+    /// and `mycel ca create` for the Secret the agents read in Kubernetes.
+    pub fn create(dir: &Path, trust_domain: &str) -> Result<Ca, Error> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        for path in [&key_path, &cert_path] {
+            if exists(path)? {
+                return Err(Error::Io {
+                    action: "refusing to overwrite",
+                    path: path.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "a CA file is already there (a new CA would invalidate every \
+                         certificate the old one issued): choose another directory, or \
+                         remove both files first",
+                    ),
+                });
             }
         }
+        // Before touching the disk, so that a bad trust domain leaves nothing behind.
+        let mut ca = Ca::generate(trust_domain, SystemTime::now())?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| Error::Io {
+                action: "creating the CA directory",
+                path: dir.to_owned(),
+                source,
+            })?;
+        // The key first: if the process stops between the two writes, the next start finds
+        // a key without a certificate and says so, instead of a certificate whose key is
+        // lost.
+        write_atomically(&key_path, ca.issuer.key().serialize_pem().as_bytes(), 0o600)?;
+        write_atomically(&cert_path, ca.cert_pem().as_bytes(), 0o644)?;
+        ca.origin = cert_path.display().to_string();
+        tracing::info!(dir = %dir.display(), %trust_domain, "created a new CA");
+        Ok(ca)
     }
 
     /// A CA from PEM text (in Kubernetes, the files of a mounted Secret). `cert_pem` holds
@@ -735,6 +759,48 @@ mod tests {
             fs::read(&cert_path).expect("read"),
             other.cert_pem().as_bytes()
         );
+    }
+
+    #[test]
+    fn create_writes_a_new_ca_and_never_overwrites_one() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("new");
+        let e = Ca::create(&dir, "Not A Domain").expect_err("bad trust domain");
+        assert!(!dir.exists(), "nothing written for a bad trust domain: {e}");
+
+        let ca = Ca::create(&dir, "mesh.example").expect("creates");
+        let mode = |name: &str| {
+            fs::metadata(dir.join(name))
+                .expect("written")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(CA_KEY_FILE), 0o600);
+        // 0644 less what the umask takes away.
+        let cert = mode(CA_CERT_FILE);
+        assert!(cert & 0o600 == 0o600 && cert & !0o644 == 0, "{cert:o}");
+        // The files are what the agent loads from a mounted Secret.
+        let loaded = Ca::from_pem(
+            &fs::read(dir.join(CA_CERT_FILE)).expect("cert"),
+            &fs::read(dir.join(CA_KEY_FILE)).expect("key"),
+            "secret mycel-ca",
+        )
+        .expect("loads");
+        assert_eq!(loaded.certificate(), ca.certificate());
+
+        let cert_before = fs::read(dir.join(CA_CERT_FILE)).expect("cert");
+        let e = Ca::create(&dir, "mesh.example").expect_err("refuses");
+        assert!(
+            e.to_string().contains("refusing to overwrite") && e.to_string().contains(CA_KEY_FILE),
+            "{e}"
+        );
+        // Either file alone is enough to refuse.
+        fs::remove_file(dir.join(CA_KEY_FILE)).expect("remove key");
+        let e = Ca::create(&dir, "mesh.example").expect_err("refuses");
+        assert!(e.to_string().contains(CA_CERT_FILE), "{e}");
+        assert_eq!(fs::read(dir.join(CA_CERT_FILE)).expect("cert"), cert_before);
+        assert!(!dir.join(CA_KEY_FILE).exists());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rustls::{
     ClientConfig, RootCertStore, ServerConfig, client::Resumption, crypto::CryptoProvider,
     server::NoServerSessionStorage, version::TLS13,
 };
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::{sync::Notify, task::JoinHandle, time::Instant};
 
 use super::{
@@ -35,22 +35,44 @@ const RENEWAL_RETRY: Duration = Duration::from_secs(5);
 /// emptied when it reaches this size, so a stream of distinct peers cannot grow it forever.
 const MAX_CLIENT_CONFIGS: usize = 1024;
 
-/// What `mycel status` shows about one certificate.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// What `mycel status` shows about one certificate. The agent serves it as JSON and the
+/// CLI reads it back, so it deserializes too.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertInfo {
+    #[serde(deserialize_with = "spiffe_id")]
     pub id: SpiffeId,
     /// Seconds since the Unix epoch.
-    #[serde(serialize_with = "unix_seconds")]
+    #[serde(
+        serialize_with = "unix_seconds",
+        deserialize_with = "from_unix_seconds"
+    )]
     pub not_before: SystemTime,
     /// Seconds since the Unix epoch.
-    #[serde(serialize_with = "unix_seconds")]
+    #[serde(
+        serialize_with = "unix_seconds",
+        deserialize_with = "from_unix_seconds"
+    )]
     pub not_after: SystemTime,
     /// Lowercase hexadecimal.
     pub serial: String,
 }
 
+/// A time as whole seconds since the Unix epoch (certificates carry no fractions).
 fn unix_seconds<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
+
+/// The reverse of [`unix_seconds`].
+fn from_unix_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+    let secs = u64::deserialize(d)?;
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(secs))
+        .ok_or_else(|| serde::de::Error::custom(format!("{secs} s after 1970 is out of range")))
+}
+
+fn spiffe_id<'de, D: Deserializer<'de>>(d: D) -> Result<SpiffeId, D::Error> {
+    let text = String::deserialize(d)?;
+    SpiffeId::parse(&text).map_err(serde::de::Error::custom)
 }
 
 /// The CA, the trust bundle and the SVIDs of the identities of local workloads. Cheap to

@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
-    ALPN_H2, Authorizer, Config, LocalWorkloads, PeerName, ProxyMetrics, Tls,
+    ALPN_H2, Authorizer, Config, Connector, LocalWorkloads, PeerName, ProxyMetrics, Tls,
     authority::connect_target,
     copy::copy_bidirectional,
     drain::{Drain, DrainOutcome, Watch},
@@ -33,12 +33,25 @@ use super::{
 };
 
 /// What an inbound connection needs, shared by all of them.
-struct Shared {
-    cfg: Config,
-    tls: Arc<dyn Tls>,
-    authz: Arc<dyn Authorizer>,
-    local: Arc<dyn LocalWorkloads>,
-    metrics: Arc<ProxyMetrics>,
+/// What every inbound connection needs; one is shared by the servers of all local
+/// workloads.
+pub struct InboundContext {
+    pub cfg: Config,
+    pub tls: Arc<dyn Tls>,
+    pub authz: Arc<dyn Authorizer>,
+    pub local: Arc<dyn LocalWorkloads>,
+    pub connector: Arc<dyn Connector>,
+    pub metrics: Arc<ProxyMetrics>,
+}
+
+type Shared = InboundContext;
+
+impl std::fmt::Debug for InboundContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundContext")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A running HBONE server.
@@ -51,23 +64,9 @@ pub struct Inbound {
 
 impl Inbound {
     /// Serves HBONE on `listener` until [`Inbound::drain`].
-    pub fn spawn(
-        listener: TcpListener,
-        cfg: Config,
-        tls: Arc<dyn Tls>,
-        authz: Arc<dyn Authorizer>,
-        local: Arc<dyn LocalWorkloads>,
-        metrics: Arc<ProxyMetrics>,
-    ) -> std::io::Result<Self> {
+    pub fn spawn(listener: TcpListener, shared: Arc<InboundContext>) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let (drain, watch) = Drain::new();
-        let shared = Arc::new(Shared {
-            cfg,
-            tls,
-            authz,
-            local,
-            metrics,
-        });
         let accept = tokio::spawn(accept_loop(listener, shared, watch));
         Ok(Self {
             addr,
@@ -117,6 +116,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, watch: Watch) {
                 continue;
             }
         };
+        // Small frames (WINDOW_UPDATE, short writes) must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let watch = watch.clone();
         tokio::spawn(async move {
@@ -249,6 +250,7 @@ async fn serve_connection(
     let local_ip = tls.get_ref().0.local_addr().map(|a| a.ip()).ok();
     let mut builder = h2::server::Builder::new();
     builder.max_concurrent_streams(shared.cfg.max_streams_per_connection);
+    super::tune_h2_server(&mut builder);
     let name = PeerName {
         addr: peer,
         identity: Some(&identity),
@@ -371,14 +373,26 @@ impl Stream<'_> {
             let detail = format!("{dst} is not a workload on this node");
             return self.refuse(&mut respond, StatusCode::BAD_REQUEST, "not_local", &detail);
         }
-        if let Err(why) = self.shared.authz.allow(self.identity, dst) {
+        if let Err(why) = self.shared.authz.allow(self.identity, self.peer.ip(), dst) {
             let detail = format!("to {dst}: {why}");
             return self.refuse(&mut respond, StatusCode::FORBIDDEN, "denied", &detail);
         }
-        let upstream =
-            tokio::time::timeout(self.shared.cfg.connect_timeout, TcpStream::connect(dst)).await;
+        // The client workload's address is the source the workload sees, when the connector
+        // can preserve it (the peer of an HBONE connection is the client pod itself).
+        let connect = async {
+            self.shared
+                .connector
+                .workload_socket(self.peer.ip(), dst)
+                .await?
+                .connect(dst)
+                .await
+        };
+        let upstream = tokio::time::timeout(self.shared.cfg.connect_timeout, connect).await;
         let upstream = match upstream {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                s
+            }
             Ok(Err(e)) => {
                 let detail = format!("connecting to {dst}: {e}");
                 let status = StatusCode::SERVICE_UNAVAILABLE;
@@ -399,7 +413,12 @@ impl Stream<'_> {
         };
         let tunnel = H2Stream::new(send, req.into_body());
         let m = &self.shared.metrics;
-        let labels = TcpLabels::new("destination", Some(self.identity), self.dst_identity);
+        let labels = TcpLabels::tunnel(
+            m.directory(),
+            "destination",
+            (self.peer.ip(), Some(self.identity)),
+            (dst.ip(), self.dst_identity),
+        );
         m.opened.get_or_create(&labels).inc();
         let sent = m.sent.get_or_create(&labels).clone();
         let received = m.received.get_or_create(&labels).clone();

@@ -1,10 +1,13 @@
-//! The proxy's metrics: Istio's TCP connection and byte counters for tunnels, and the
-//! proxy's own handshake and failure counters.
+//! The proxy's metrics: the connections it carries, counted in Istio's `istio_tcp_*`
+//! families, and its own handshake and failure counters (Istio has no equivalent).
 //!
-//! The TCP families carry Istio's label names so dashboards built for Istio can read them,
-//! but for now they are registered as `mycel_proxy_tcp_*`: the kernel flow metrics already
-//! own the `istio_tcp_*` names in the agent's registry, and one name may not be registered
-//! twice. Labels are identities, never addresses, so series stay bounded.
+//! The `istio_tcp_*` families are the ones the kernel flow metrics registered
+//! ([`crate::flows::metrics::IstioTcp`]): one family per name holds plaintext connections
+//! as the kernel saw them and tunnels as the proxy carried them, told apart by
+//! `connection_security_policy` (`none` or `mutual_tls`). Labels are workloads and
+//! identities, never addresses, so series stay bounded.
+
+use std::sync::Arc;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -12,35 +15,13 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-/// `mutual_tls`: every tunnel is authenticated both ways.
-pub(crate) const MUTUAL_TLS: &str = "mutual_tls";
-/// Label value when an identity is not known.
-pub(crate) const UNKNOWN: &str = "unknown";
+use crate::flows::{
+    Directory,
+    metrics::{IstioTcp, IstioTcpLabels},
+};
 
-/// Istio's labels for TCP metrics that the proxy knows.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    /// `source` on the client's node, `destination` on the server's.
-    pub reporter: &'static str,
-    pub source_principal: String,
-    pub destination_principal: String,
-    pub connection_security_policy: &'static str,
-}
-
-impl TcpLabels {
-    pub(crate) fn new(
-        reporter: &'static str,
-        source: Option<&str>,
-        destination: Option<&str>,
-    ) -> Self {
-        Self {
-            reporter,
-            source_principal: source.unwrap_or(UNKNOWN).to_string(),
-            destination_principal: destination.unwrap_or(UNKNOWN).to_string(),
-            connection_security_policy: MUTUAL_TLS,
-        }
-    }
-}
+/// Istio's labels of a tunnelled connection, as the proxy counts it.
+pub type TcpLabels = IstioTcpLabels;
 
 /// Labels of `mycel_proxy_handshakes_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,9 +46,15 @@ pub(crate) const OUTBOUND: &str = "outbound";
 /// All metrics of the proxy, shared by [`super::Inbound`] and [`super::Outbound`].
 #[derive(Debug)]
 pub struct ProxyMetrics {
+    /// Names the workloads at the ends of a tunnel for its labels.
+    directory: Arc<Directory>,
     pub(crate) opened: Family<TcpLabels, Counter>,
     pub(crate) closed: Family<TcpLabels, Counter>,
+    /// Bytes the client sent: what the destination received, Istio's
+    /// `istio_tcp_received_bytes_total`.
     pub(crate) sent: Family<TcpLabels, Counter>,
+    /// Bytes the client received: what the destination sent, Istio's
+    /// `istio_tcp_sent_bytes_total`.
     pub(crate) received: Family<TcpLabels, Counter>,
     pub(crate) handshakes: Family<HandshakeLabels, Counter>,
     pub(crate) handshake_seconds: Histogram,
@@ -75,13 +62,17 @@ pub struct ProxyMetrics {
 }
 
 impl ProxyMetrics {
-    /// Creates the metrics and registers them in `registry`.
-    pub fn new(registry: &mut Registry) -> Self {
+    /// Creates the proxy's metrics: tunnels count in `tcp` (the `istio_tcp_*` families
+    /// the flow metrics registered, see [`crate::flows::Flows::istio_tcp`]), with the
+    /// workloads at their ends looked up in `directory`; the handshake and failure
+    /// counters are registered in `registry`.
+    pub fn new(registry: &mut Registry, tcp: IstioTcp, directory: Arc<Directory>) -> Self {
         let m = Self {
-            opened: Family::default(),
-            closed: Family::default(),
-            sent: Family::default(),
-            received: Family::default(),
+            directory,
+            opened: tcp.connections_opened,
+            closed: tcp.connections_closed,
+            sent: tcp.received_bytes,
+            received: tcp.sent_bytes,
             handshakes: Family::default(),
             // 1 ms to about 8 s.
             handshake_seconds: Histogram::new(
@@ -89,26 +80,6 @@ impl ProxyMetrics {
             ),
             failed: Family::default(),
         };
-        registry.register(
-            "mycel_proxy_tcp_connections_opened",
-            "Tunnelled TCP connections opened (Istio's istio_tcp_connections_opened_total)",
-            m.opened.clone(),
-        );
-        registry.register(
-            "mycel_proxy_tcp_connections_closed",
-            "Tunnelled TCP connections closed (Istio's istio_tcp_connections_closed_total)",
-            m.closed.clone(),
-        );
-        registry.register(
-            "mycel_proxy_tcp_sent_bytes",
-            "Bytes sent by the client of tunnelled connections (Istio's istio_tcp_sent_bytes_total)",
-            m.sent.clone(),
-        );
-        registry.register(
-            "mycel_proxy_tcp_received_bytes",
-            "Bytes received by the client of tunnelled connections (Istio's istio_tcp_received_bytes_total)",
-            m.received.clone(),
-        );
         registry.register(
             "mycel_proxy_handshakes",
             "TLS and HTTP/2 handshakes of HBONE connections, by result",
@@ -126,6 +97,11 @@ impl ProxyMetrics {
             m.failed.clone(),
         );
         m
+    }
+
+    /// Where tunnel labels look up the workloads at the ends ([`TcpLabels::tunnel`]).
+    pub(crate) fn directory(&self) -> &Directory {
+        &self.directory
     }
 
     pub(crate) fn handshake(&self, direction: &'static str, result: &'static str) {

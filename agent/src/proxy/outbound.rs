@@ -24,7 +24,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
 use super::{
-    ALPN_H2, Config, CopyStats, Error, PeerName, ProxyMetrics, Tls,
+    ALPN_H2, Config, Connector, CopyStats, Error, HostConnector, PeerName, ProxyMetrics, Tls,
     copy::copy_bidirectional,
     drain::{Drain, DrainOutcome},
     h2stream::H2Stream,
@@ -88,6 +88,7 @@ type Connections = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
 pub struct Outbound {
     cfg: Config,
     tls: Arc<dyn Tls>,
+    connector: Arc<dyn Connector>,
     metrics: Arc<ProxyMetrics>,
     pool: Mutex<HashMap<PoolKey, Connections>>,
     drain: Drain,
@@ -102,11 +103,23 @@ impl std::fmt::Debug for dyn Tls {
 impl Outbound {
     /// A client presenting certificates from `tls`; connections open on first use.
     pub fn new(cfg: Config, tls: Arc<dyn Tls>, metrics: Arc<ProxyMetrics>) -> Self {
+        Self::with_connector(cfg, tls, Arc::new(HostConnector), metrics)
+    }
+
+    /// As [`Outbound::new`], opening the outer connections with sockets from `connector`
+    /// (in the client workload's network namespace, so they carry its address).
+    pub fn with_connector(
+        cfg: Config,
+        tls: Arc<dyn Tls>,
+        connector: Arc<dyn Connector>,
+        metrics: Arc<ProxyMetrics>,
+    ) -> Self {
         // The first watch is not needed: each tunnel takes its own.
         let (drain, _) = Drain::new();
         Self {
             cfg,
             tls,
+            connector,
             metrics,
             pool: Mutex::new(HashMap::new()),
             drain,
@@ -185,10 +198,11 @@ impl Outbound {
         let tunnel = H2Stream::new(stream, response.into_body());
         let m = &self.metrics;
         let src_id = self.tls.workload_identity(req.src_ip);
-        let labels = TcpLabels::new(
+        let labels = TcpLabels::tunnel(
+            m.directory(),
             "source",
-            src_id.as_deref(),
-            req.expected_identity.as_deref(),
+            (req.src_ip, src_id.as_deref()),
+            (req.dst.ip(), req.expected_identity.as_deref()),
         );
         m.opened.get_or_create(&labels).inc();
         let sent = m.sent.get_or_create(&labels).clone();
@@ -260,7 +274,14 @@ impl Outbound {
             .client_config(req.src_ip, req.expected_identity.as_deref())
             .ok_or(Error::NoCertificate(req.src_ip))?;
         let config = with_alpn(config);
-        let tcp = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(req.hbone))
+        let connect = async {
+            self.connector
+                .hbone_socket(req.src_ip, req.hbone)
+                .await?
+                .connect(req.hbone)
+                .await
+        };
+        let tcp = tokio::time::timeout(self.cfg.connect_timeout, connect)
             .await
             .map_err(|_| Error::ConnectTimeout(req.hbone))?
             .map_err(|e| Error::Connect(req.hbone, e))?;
@@ -299,6 +320,7 @@ impl Outbound {
                 }
             }
             let mut builder = h2::client::Builder::new();
+            super::tune_h2_client(&mut builder);
             builder.initial_max_send_streams(self.cfg.max_streams_per_connection as usize);
             builder.handshake(tls).await.map_err(|source| Error::H2 {
                 peer: req.hbone,

@@ -266,7 +266,7 @@ impl Tls for TestTls {
 struct DenyOne(&'static str);
 
 impl Authorizer for DenyOne {
-    fn allow(&self, peer: &str, _dst: SocketAddr) -> Result<(), String> {
+    fn allow(&self, peer: &str, _peer_ip: IpAddr, _dst: SocketAddr) -> Result<(), String> {
         if peer == self.0 {
             return Err(format!("{peer} is denied by policy"));
         }
@@ -310,8 +310,47 @@ async fn echo_server() -> SocketAddr {
     addr
 }
 
+/// The client and server workloads by address, as the app keeps them for metrics.
+fn workload_names() -> Arc<crate::flows::Directory> {
+    let names = crate::flows::Directory::new();
+    for (ip, id, namespace, name) in [
+        (CLIENT_IP, CLIENT_ID, "client", "app"),
+        (SERVER_IP, SERVER_ID, "server", "echo"),
+    ] {
+        names.upsert_workload(
+            ip,
+            crate::flows::WorkloadInfo {
+                namespace: namespace.into(),
+                name: name.into(),
+                service_account: name.into(),
+                principal: id.into(),
+                app: Some(name.into()),
+            },
+        );
+    }
+    Arc::new(names)
+}
+
+/// The value of the one series of `name` whose labels contain every `needle`.
+fn series_value(registry: &Registry, name: &str, needles: &[&str]) -> Option<u64> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).expect("encode metrics");
+    let found: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .collect();
+    assert!(found.len() <= 1, "several series match: {found:?}");
+    found
+        .first()
+        .and_then(|l| l.rsplit(' ').next())
+        .map(|v| v.parse().expect("a counter value"))
+}
+
 struct Env {
     ca: Ca,
+    /// Where the proxy's metrics are registered, with the flow metrics' `istio_tcp_*`.
+    registry: Registry,
     metrics: Arc<ProxyMetrics>,
     inbound: Inbound,
     outbound: Arc<Outbound>,
@@ -344,23 +383,26 @@ async fn env_with(inbound_cfg: Config, outbound_cfg: Config) -> Env {
         roots: ca.roots(),
         workloads,
     });
-    let metrics = Arc::new(ProxyMetrics::new(&mut Registry::default()));
+    let mut registry = Registry::default();
+    let tcp = crate::flows::metrics::Metrics::new(&mut registry).istio_tcp();
+    let metrics = Arc::new(ProxyMetrics::new(&mut registry, tcp, workload_names()));
     let listener = TcpListener::bind((SERVER_IP, 0))
         .await
         .expect("bind inbound");
-    let inbound = Inbound::spawn(
-        listener,
-        inbound_cfg,
-        tls.clone(),
-        Arc::new(DenyOne(DENIED_ID)),
-        Arc::new(Local(HashSet::from([SERVER_IP]))),
-        metrics.clone(),
-    )
-    .expect("inbound");
+    let context = Arc::new(InboundContext {
+        cfg: inbound_cfg,
+        tls: tls.clone(),
+        authz: Arc::new(DenyOne(DENIED_ID)),
+        local: Arc::new(Local(HashSet::from([SERVER_IP]))),
+        connector: Arc::new(HostConnector),
+        metrics: metrics.clone(),
+    });
+    let inbound = Inbound::spawn(listener, context).expect("inbound");
     let outbound = Arc::new(Outbound::new(outbound_cfg, tls, metrics.clone()));
     let client_leaf = ca.leaf(CLIENT_ID, false);
     Env {
         ca,
+        registry,
         metrics,
         inbound,
         outbound,
@@ -491,17 +533,59 @@ async fn large_transfer_and_half_close() {
     let stats = task.await.expect("proxy task").expect("tunnel ok");
     assert_eq!(stats.a_to_b, data.len() as u64);
     assert_eq!(stats.b_to_a, data.len() as u64 + 3);
-    let labels = metrics::TcpLabels::new("destination", Some(CLIENT_ID), Some(SERVER_ID));
-    assert_eq!(env.metrics.opened.get_or_create(&labels).get(), 1);
-    assert_eq!(
-        env.metrics.sent.get_or_create(&labels).get(),
-        data.len() as u64
-    );
-    let labels = metrics::TcpLabels::new("source", Some(CLIENT_ID), Some(SERVER_ID));
-    assert_eq!(
-        env.metrics.received.get_or_create(&labels).get(),
-        data.len() as u64 + 3
-    );
+    // Both proxies count the tunnel in Istio's families, as mutual TLS between the
+    // certificates' identities and the workloads the addresses belong to. The server
+    // side's peer is the client node's address here (the test connector does not keep the
+    // client's), so its source is named by the certificate alone.
+    let client_id = format!("source_principal=\"{CLIENT_ID}\"");
+    let server_id = format!("destination_principal=\"{SERVER_ID}\"");
+    let at_server = [
+        "reporter=\"destination\"",
+        "connection_security_policy=\"mutual_tls\"",
+        &client_id,
+        "source_workload_namespace=\"client\"",
+        &server_id,
+        "destination_workload=\"echo\"",
+        "destination_workload_namespace=\"server\"",
+        "destination_app=\"echo\"",
+    ];
+    let at_client = [
+        "reporter=\"source\"",
+        "connection_security_policy=\"mutual_tls\"",
+        &client_id,
+        "source_workload=\"app\"",
+        "source_workload_namespace=\"client\"",
+        &server_id,
+        "destination_workload=\"echo\"",
+    ];
+    let value = |name, needles: &[&str]| series_value(&env.registry, name, needles);
+    // The server side counts the close just after its last write reached the client.
+    for _ in 0..250 {
+        if value("istio_tcp_connections_closed_total", &at_server) == Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for side in [&at_server[..], &at_client[..]] {
+        assert_eq!(value("istio_tcp_connections_opened_total", side), Some(1));
+        assert_eq!(value("istio_tcp_connections_closed_total", side), Some(1));
+        // Istio's `received` is what the destination received: the client's request.
+        assert_eq!(
+            value("istio_tcp_received_bytes_total", side),
+            Some(data.len() as u64)
+        );
+        assert_eq!(
+            value("istio_tcp_sent_bytes_total", side),
+            Some(data.len() as u64 + 3)
+        );
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &env.registry).expect("encode");
+    let opened = text
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .count();
+    assert_eq!(opened, 2, "one series per reporter and no other:\n{text}");
 }
 
 #[tokio::test]

@@ -697,6 +697,11 @@ fn resource(
                 decode(value, bytes, index, location, Kind::EndpointSlice, object)?;
             translate::endpoint_slice(&slice, location).map(|s| Some(Resource::EndpointSlice(s)))
         }
+        (Some("v1"), Some("Namespace")) => {
+            let ns: k8s_openapi::api::core::v1::Namespace =
+                decode(value, bytes, index, location, Kind::Namespace, object)?;
+            translate::namespace_object(&ns, location).map(|n| Some(Resource::Namespace(n)))
+        }
         (Some(WORKLOAD_API_VERSION), Some(WORKLOAD_KIND)) => {
             let workload: translate::Workload =
                 decode(value, bytes, index, location, Kind::Workload, object)?;

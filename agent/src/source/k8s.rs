@@ -128,7 +128,10 @@ impl KubeSource {
             watcher(Api::<Namespace>::all(client.clone())),
             Watched::Namespace,
             changes_tx.clone(),
-            |ns: Namespace| Item::Namespace(ns.metadata.labels.unwrap_or_default()),
+            {
+                let loc = location.clone();
+                move |ns: Namespace| Item::Namespace(translate::namespace_object(&ns, &loc))
+            },
         ));
         let policies = Api::<DynamicObject>::all_with(client.clone(), &policy_api_resource());
         let loc = location.clone();
@@ -172,14 +175,14 @@ impl Watched {
         Watched::Policy,
     ];
 
-    /// The model's kind of the objects; namespaces are not in the model.
+    /// The model's kind of the objects.
     fn kind(self) -> Option<state::Kind> {
         match self {
             Watched::Service => Some(state::Kind::Service),
             Watched::EndpointSlice => Some(state::Kind::EndpointSlice),
             Watched::Pod => Some(state::Kind::Workload),
             Watched::Policy => Some(state::Kind::AuthorizationPolicy),
-            Watched::Namespace => None,
+            Watched::Namespace => Some(state::Kind::Namespace),
         }
     }
 
@@ -200,7 +203,7 @@ pub(crate) enum Item {
     Resource(Result<Resource, Vec<Error>>),
     Pod(Result<Option<PodWorkload>, Vec<Error>>),
     Policy(status::PolicyItem),
-    Namespace(BTreeMap<String, String>),
+    Namespace(Result<state::Namespace, Vec<Error>>),
 }
 
 /// What a watcher tells the merger.
@@ -473,10 +476,12 @@ impl Merger {
 
     async fn upsert(&mut self, what: Watched, id: ObjectRef, item: Item) {
         let result = match item {
-            Item::Namespace(labels) => {
-                self.entries.entry((what, id.clone())).or_default();
-                self.namespaces.insert(id.name, labels);
-                return;
+            Item::Namespace(result) => {
+                if let Ok(ns) = &result {
+                    self.namespaces
+                        .insert(id.name.clone(), ns.meta.labels.clone());
+                }
+                result.map(Resource::Namespace)
             }
             Item::Resource(result) => result,
             Item::Policy(policy) => {

@@ -397,10 +397,41 @@ pub fn endpoint_slice(
     })
 }
 
+/// Checks the labels that enroll an object in the mesh (see [`state::mesh`]).
+fn mesh_labels(labels: &BTreeMap<String, String>, problems: &mut Problems<'_>) {
+    if let Err(errors) = state::mesh::MeshLabels::parse(labels) {
+        for (label, problem) in errors {
+            problems.add(
+                format!("metadata.labels[{label:?}]"),
+                Problem::BadLabel(problem),
+            );
+        }
+    }
+}
+
+/// Translates a Namespace: only its name and labels matter (mesh enrollment).
+pub fn namespace_object(
+    ns: &core::Namespace,
+    location: &Location,
+) -> Result<state::Namespace, Vec<Error>> {
+    let mut problems = Problems::new(location, Kind::Namespace, &ns.metadata);
+    problems.object = ns
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_else(|| "(unnamed)".to_owned());
+    let mut meta = meta(&ns.metadata, location, &mut problems);
+    // Namespaces are not namespaced.
+    meta.id.namespace = String::new();
+    mesh_labels(&meta.labels, &mut problems);
+    problems.finish(state::Namespace { meta })
+}
+
 /// Translates a mycel [`Workload`].
 pub fn workload(w: &Workload, location: &Location) -> Result<state::Workload, Vec<Error>> {
     let mut problems = Problems::new(location, Kind::Workload, &w.metadata);
     let meta = meta(&w.metadata, location, &mut problems);
+    mesh_labels(&meta.labels, &mut problems);
     let spec = &w.spec;
 
     if spec.addresses.is_empty() {

@@ -548,6 +548,43 @@ pub(crate) fn rule_active(rule: &Rule, action: Action) -> bool {
     action == Action::Deny || !rule.has_l7
 }
 
+/// Istio's evaluation, policy by policy, of one connection from `peer` to `port` of
+/// `workload`: the verdict and the policy that decided it (`None`: no policy matched, the
+/// default). The node proxy uses it for tunnels, whose peer it knows by certificate; the
+/// compiled kernel entries give the same answers (the tests check both agree).
+pub(crate) fn evaluate<'p>(
+    policies: impl Iterator<Item = &'p AuthorizationPolicy>,
+    root_namespace: &str,
+    workload: &Workload,
+    peer: &Peer<'_>,
+    port: u16,
+) -> (u8, Option<&'p ObjectRef>) {
+    let matches = |p: &AuthorizationPolicy| {
+        p.rules.iter().any(|r| {
+            rule_active(r, p.action) && from_matches(r, p.action, peer) && to_matches(r, Some(port))
+        })
+    };
+    let mut allows = false;
+    let mut allowed_by = None;
+    for p in policies.filter(|p| selects(p, workload, root_namespace)) {
+        match p.action {
+            Action::Deny if matches(p) => return (VERDICT_DENY, Some(&p.meta.id)),
+            Action::Deny => {}
+            Action::Allow => {
+                allows = true;
+                if allowed_by.is_none() && matches(p) {
+                    allowed_by = Some(&p.meta.id);
+                }
+            }
+        }
+    }
+    match (allows, allowed_by) {
+        (false, _) => (VERDICT_ALLOW, None),
+        (true, Some(id)) => (VERDICT_ALLOW, Some(id)),
+        (true, None) => (VERDICT_DENY, None),
+    }
+}
+
 /// A set of peers, by index in the universe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Bits(Vec<u64>);
@@ -1094,34 +1131,9 @@ mod tests {
         peer: Option<&Peer<'_>>,
         port: u16,
     ) -> u8 {
-        let Some(peer) = peer else {
-            return VERDICT_ALLOW;
-        };
-        let selecting: Vec<&AuthorizationPolicy> = policies
-            .values()
-            .filter(|p| selects(p, w, &settings.root_namespace))
-            .collect();
-        let matches = |p: &AuthorizationPolicy| {
-            p.rules.iter().any(|r| {
-                rule_active(r, p.action)
-                    && from_matches(r, p.action, peer)
-                    && to_matches(r, Some(port))
-            })
-        };
-        if selecting
-            .iter()
-            .any(|p| p.action == Action::Deny && matches(p))
-        {
-            return VERDICT_DENY;
-        }
-        let allows: Vec<_> = selecting
-            .iter()
-            .filter(|p| p.action == Action::Allow)
-            .collect();
-        if allows.is_empty() || allows.iter().any(|p| matches(p)) {
-            VERDICT_ALLOW
-        } else {
-            VERDICT_DENY
+        match peer {
+            None => VERDICT_ALLOW,
+            Some(peer) => evaluate(policies.values(), &settings.root_namespace, w, peer, port).0,
         }
     }
 

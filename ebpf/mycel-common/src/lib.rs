@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod flow;
+pub mod mesh;
 pub mod policy;
 pub mod service;
 pub mod stats;

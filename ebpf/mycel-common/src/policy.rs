@@ -41,6 +41,13 @@ const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
 /// [`EndpointInfo::flags`]: some ALLOW policy selects this endpoint, so traffic to it that
 /// no ALLOW matches is denied (without it, only DENY entries apply).
 pub const ENDPOINT_F_ENFORCE: u32 = 1 << 0;
+/// [`EndpointInfo::flags`]: the endpoint is enrolled in the mesh. HBONE (TCP port 15008)
+/// to and from it skips L3/L4 policy here: the node proxy authorizes each tunnel by the
+/// peer's certificate, which the kernel cannot see.
+pub const ENDPOINT_F_MESH: u32 = 1 << 1;
+/// [`EndpointInfo::flags`]: mode STRICT. New plaintext TCP connections to the endpoint
+/// (SYNs to any port but 15008) are dropped, except from the node itself (kubelet probes).
+pub const ENDPOINT_F_MESH_STRICT: u32 = 1 << 2;
 
 /// Value of `ENDPOINTS`, keyed by the ifindex of the workload's host-side interface.
 #[repr(C)]
@@ -103,5 +110,7 @@ pub const DROP_REASON_NONE: u8 = 0;
 pub const DROP_REASON_POLICY_DENY: u8 = 1;
 /// An ALLOW policy selects the endpoint and none matched.
 pub const DROP_REASON_POLICY_DEFAULT_DENY: u8 = 2;
+/// Plaintext to an endpoint whose mesh mode is STRICT.
+pub const DROP_REASON_MTLS_STRICT: u8 = 3;
 
 pod!(IpcacheValue, EndpointInfo, PolicyKey, PolicyValue);

@@ -15,11 +15,25 @@ pub const STAT_LB_REVNAT_UPDATE_FAILED: u32 = 4;
 pub const STAT_FLOW_EVENTS_LOST: u32 = 5;
 /// The FLOWS map could not take a new flow.
 pub const STAT_FLOW_UPDATE_FAILED: u32 = 6;
-/// Number of counters; the size of the STATS array.
-pub const STAT_MAX: u32 = 8;
+/// connect() between enrolled workloads pointed at the node proxy's outbound listener.
+pub const STAT_MESH_REDIRECTED: u32 = 7;
+/// connect() that should have gone to the proxy went straight to its destination: its
+/// original destination could not be stored (`MESH_BY_COOKIE` update failed).
+pub const STAT_MESH_RECORD_FAILED: u32 = 8;
+/// A redirected connection's original destination moved from its socket cookie to its
+/// source address and port (`sock_ops`), where the proxy finds it.
+pub const STAT_MESH_ORIG_DST_RECORDED: u32 = 9;
+/// The `MESH_ORIG_DST` update failed: the proxy cannot learn that connection's destination.
+pub const STAT_MESH_ORIG_DST_UPDATE_FAILED: u32 = 10;
+/// A plaintext TCP SYN to a workload in mTLS mode STRICT was dropped in TC.
+pub const STAT_MESH_STRICT_DROPPED: u32 = 11;
+/// Number of counters; the size of the STATS array. Room is left for more: a pinned STATS
+/// map keeps the size it was created with, so counters past it read as zero until the
+/// pins are removed.
+pub const STAT_MAX: u32 = 16;
 
 /// Counter names, index by index, as the agent exports them.
-pub const STAT_NAMES: [&str; 7] = [
+pub const STAT_NAMES: [&str; 12] = [
     "lb_translated",
     "lb_no_backend",
     "lb_slot_missing",
@@ -27,4 +41,9 @@ pub const STAT_NAMES: [&str; 7] = [
     "lb_revnat_update_failed",
     "flow_events_lost",
     "flow_update_failed",
+    "mesh_redirected",
+    "mesh_record_failed",
+    "mesh_orig_dst_recorded",
+    "mesh_orig_dst_update_failed",
+    "mesh_strict_dropped",
 ];

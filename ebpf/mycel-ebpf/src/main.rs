@@ -16,7 +16,11 @@ mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod mesh;
+#[cfg(target_arch = "bpf")]
 mod sock_addr;
+#[cfg(target_arch = "bpf")]
+mod sock_ops;
 #[cfg(target_arch = "bpf")]
 mod tc;
 

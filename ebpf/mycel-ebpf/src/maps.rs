@@ -6,10 +6,14 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use mycel_common::{
     flow::{DEFAULT_FLOW_ENTRIES, FlowKey, FlowValue},
+    mesh::{
+        MESH_DEST_ENTRIES, MESH_ORIG_ENTRIES, MESH_SOURCE_ENTRIES, MeshConfig, MeshDest,
+        MeshSource, OrigDst, OrigDstKey,
+    },
     policy::{
         DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, EndpointInfo, IpcacheAddr, IpcacheValue,
         PolicyKey, PolicyValue,
@@ -87,3 +91,28 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(DEFAULT_FL
 /// Flow events for the agent: new, closed and denied flows.
 #[map]
 pub static FLOW_EVENTS: RingBuf = RingBuf::pinned(FLOW_EVENTS_BYTES, 0);
+
+/// Enrolled mesh destinations (workload addresses, v4-mapped) and their `MESH_F_*` flags.
+#[map]
+pub static MESH_DESTS: HashMap<[u32; 4], MeshDest> = HashMap::pinned(MESH_DEST_ENTRIES, 0);
+
+/// Enrolled local workloads by network namespace cookie: where the proxy's outbound
+/// listener of that namespace is.
+#[map]
+pub static MESH_SOURCES: HashMap<u64, MeshSource> = HashMap::pinned(MESH_SOURCE_ENTRIES, 0);
+
+/// Original destinations of redirected connections by socket cookie, from connect() until
+/// the `sock_ops` program knows the socket's source port (an LRU: a connect() that failed
+/// before that leaves an entry nobody removes).
+#[map]
+pub static MESH_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MESH_ORIG_ENTRIES, 0);
+
+/// Original destinations of redirected connections by the client's (address, port), which
+/// the proxy reads (and deletes) when it accepts the connection. An LRU for the same reason.
+#[map]
+pub static MESH_ORIG_DST: LruHashMap<OrigDstKey, OrigDst> =
+    LruHashMap::pinned(MESH_ORIG_ENTRIES, 0);
+
+/// The mesh settings, an array of one: the proxy's process id.
+#[map]
+pub static MESH_CONFIG: Array<MeshConfig> = Array::pinned(1, 0);

@@ -1,20 +1,24 @@
-//! cgroup sock_addr hooks: service load balancing at connect()/sendmsg() time, and the
-//! reverse translation at getpeername()/recvmsg() so applications see the service address.
+//! cgroup sock_addr hooks: service load balancing at connect()/sendmsg() time, mesh
+//! redirection to the node proxy at connect() time, and the reverse translation at
+//! getpeername()/recvmsg() so applications see the address they asked for (the service
+//! address, or the pod a redirected connection was meant for).
 //!
-//! Nothing is NATed: the socket is pointed at the backend before any packet exists.
+//! Nothing is NATed: the socket is pointed at the backend (or the proxy) before any packet
+//! exists.
 
 use aya_ebpf::{
     bindings::bpf_sock_addr, helpers::generated::bpf_set_retval, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use mycel_common::{
-    service::{ServiceKey, is_v4_mapped, v4_mapped},
+    service::{Backend, ServiceKey, is_v4_mapped, v4_mapped},
     stats::{STAT_LB_NO_BACKEND, STAT_LB_REVERSED, STAT_LB_TRANSLATED},
 };
 
 use crate::{
     lb::{recall, remember, select},
     maps::{SERVICES, count},
+    mesh::{Mesh, redirect},
 };
 
 /// Let the call go on.
@@ -25,22 +29,22 @@ const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    translate4(&ctx, Refusal::ConnRefused)
+    translate4(&ctx, Refusal::ConnRefused, Mesh::On)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate4(&ctx, Refusal::ConnRefused)
+    translate4(&ctx, Refusal::ConnRefused, Mesh::Off)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    translate6(&ctx, Refusal::ConnRefused)
+    translate6(&ctx, Refusal::ConnRefused, Mesh::On)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    translate6(&ctx, Refusal::ConnRefused)
+    translate6(&ctx, Refusal::ConnRefused, Mesh::Off)
 }
 
 // Variants for kernels without `bpf_set_retval` (before Linux 5.18): a service without
@@ -49,22 +53,22 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4_eperm(ctx: SockAddrContext) -> i32 {
-    translate4(&ctx, Refusal::Eperm)
+    translate4(&ctx, Refusal::Eperm, Mesh::On)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4_eperm(ctx: SockAddrContext) -> i32 {
-    translate4(&ctx, Refusal::Eperm)
+    translate4(&ctx, Refusal::Eperm, Mesh::Off)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6_eperm(ctx: SockAddrContext) -> i32 {
-    translate6(&ctx, Refusal::Eperm)
+    translate6(&ctx, Refusal::Eperm, Mesh::On)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6_eperm(ctx: SockAddrContext) -> i32 {
-    translate6(&ctx, Refusal::Eperm)
+    translate6(&ctx, Refusal::Eperm, Mesh::Off)
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -153,44 +157,96 @@ fn refuse(how: Refusal) -> i32 {
     REJECT
 }
 
+/// Load balancing, then mesh redirection, of one connect()/sendmsg() on an IPv4 socket.
 #[inline(always)]
-fn translate4(ctx: &SockAddrContext, how: Refusal) -> i32 {
+fn translate4(ctx: &SockAddrContext, how: Refusal, mesh: Mesh) -> i32 {
     let sa = sock_addr(ctx);
     let key = service_key(v4_mapped(sa.user_ip4), sa.user_port, sa.protocol);
+    let mut chosen: Option<Backend> = None;
     // SAFETY: the map value is copied out.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
-        return PROCEED;
-    };
-    let Some(backend) = select(ctx, &svc) else {
-        return refuse(how);
-    };
-    if !is_v4_mapped(&backend.addr_be) {
-        // An IPv4 socket cannot reach an IPv6 backend; the agent never programs this.
-        return refuse(how);
+    if let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() {
+        let Some(backend) = select(ctx, &svc) else {
+            return refuse(how);
+        };
+        if !is_v4_mapped(&backend.addr_be) {
+            // An IPv4 socket cannot reach an IPv6 backend; the agent never programs this.
+            return refuse(how);
+        }
+        count(STAT_LB_TRANSLATED);
+        chosen = Some(backend);
     }
-    remember(ctx, &key, &backend);
-    sa.user_ip4 = backend.addr_be[3];
-    sa.user_port = backend.port_be as u32;
-    count(STAT_LB_TRANSLATED);
+    let (dst_be, port_be) = match &chosen {
+        Some(b) => (b.addr_be, b.port_be),
+        None => (key.addr_be, key.port_be),
+    };
+    if let Some(listener) = redirect(ctx, mesh, dst_be, port_be, sa.protocol) {
+        // getpeername() maps the listener back to what the application asked for.
+        remember(
+            ctx,
+            &key,
+            &listener_backend(listener.addr_be, listener.port_be),
+        );
+        sa.user_ip4 = listener.addr_be[3];
+        sa.user_port = u32::from(listener.port_be);
+        return PROCEED;
+    }
+    if let Some(backend) = chosen {
+        remember(ctx, &key, &backend);
+        sa.user_ip4 = backend.addr_be[3];
+        sa.user_port = u32::from(backend.port_be);
+    }
     PROCEED
 }
 
+/// Load balancing, then mesh redirection, of one connect()/sendmsg() on an IPv6 socket.
+/// Only v4-mapped destinations are redirected: the proxy's listeners are IPv4, and an
+/// IPv6-only socket could not reach them.
 #[inline(always)]
-fn translate6(ctx: &SockAddrContext, how: Refusal) -> i32 {
+fn translate6(ctx: &SockAddrContext, how: Refusal, mesh: Mesh) -> i32 {
     let sa = sock_addr(ctx);
     let key = service_key(user_ip6(sa), sa.user_port, sa.protocol);
+    let mut chosen: Option<Backend> = None;
     // SAFETY: the map value is copied out.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+    if let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() {
+        let Some(backend) = select(ctx, &svc) else {
+            return refuse(how);
+        };
+        count(STAT_LB_TRANSLATED);
+        chosen = Some(backend);
+    }
+    let (dst_be, port_be) = match &chosen {
+        Some(b) => (b.addr_be, b.port_be),
+        None => (key.addr_be, key.port_be),
+    };
+    if is_v4_mapped(&dst_be)
+        && let Some(listener) = redirect(ctx, mesh, dst_be, port_be, sa.protocol)
+    {
+        remember(
+            ctx,
+            &key,
+            &listener_backend(listener.addr_be, listener.port_be),
+        );
+        set_user_ip6(sa, listener.addr_be);
+        sa.user_port = u32::from(listener.port_be);
         return PROCEED;
-    };
-    let Some(backend) = select(ctx, &svc) else {
-        return refuse(how);
-    };
-    remember(ctx, &key, &backend);
-    set_user_ip6(sa, backend.addr_be);
-    sa.user_port = backend.port_be as u32;
-    count(STAT_LB_TRANSLATED);
+    }
+    if let Some(backend) = chosen {
+        remember(ctx, &key, &backend);
+        set_user_ip6(sa, backend.addr_be);
+        sa.user_port = u32::from(backend.port_be);
+    }
     PROCEED
+}
+
+/// The proxy listener as a REVNAT "backend", so that getpeername() on a redirected socket
+/// answers with the original destination.
+#[inline(always)]
+fn listener_backend(addr_be: [u32; 4], port_be: u16) -> Backend {
+    Backend {
+        addr_be,
+        port_be,
+        _pad: 0,
+    }
 }
 
 #[inline(always)]

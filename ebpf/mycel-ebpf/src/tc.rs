@@ -11,6 +11,13 @@
 //! Policy is ingress only (as Istio's: an AuthorizationPolicy selects the destination):
 //! flows a workload initiates are allowed and accounted.
 //!
+//! Mesh endpoints (`ENDPOINT_F_MESH`): HBONE, TCP to the endpoint's port 15008, is allowed
+//! whatever the L3/L4 policy says, because the node proxy authorizes each tunnel by the
+//! peer's certificate, which is invisible here. In mode STRICT (`ENDPOINT_F_MESH_STRICT`)
+//! a new plaintext connection (a SYN without ACK to any other port) is dropped unless it
+//! comes from the node itself (kubelet probes, and the proxy when it delivers from the
+//! host); connections that were established before the mode changed are left alone.
+//!
 //! Parsing: Ethernet, then IPv4 (options skipped by IHL) or IPv6 (the fixed header and a
 //! fragment header right after it; with other extension headers the next-header value is
 //! taken as the protocol and the ports as 0), then TCP or UDP ports. Other protocols
@@ -30,13 +37,15 @@ use aya_ebpf::{
 };
 use mycel_common::{
     flow::{FLOW_EVENT_CLOSED, FLOW_EVENT_DROP, FLOW_EVENT_NEW, FlowEvent, FlowKey, FlowValue},
+    mesh::MESH_HBONE_PORT,
     policy::{
-        DIR_EGRESS, DIR_INGRESS, DROP_REASON_NONE, DROP_REASON_POLICY_DEFAULT_DENY,
-        DROP_REASON_POLICY_DENY, ENDPOINT_F_ENFORCE, EndpointInfo, IDENTITY_WORLD, PolicyKey,
-        VERDICT_ALLOW, VERDICT_DENY,
+        DIR_EGRESS, DIR_INGRESS, DROP_REASON_MTLS_STRICT, DROP_REASON_NONE,
+        DROP_REASON_POLICY_DEFAULT_DENY, DROP_REASON_POLICY_DENY, ENDPOINT_F_ENFORCE,
+        ENDPOINT_F_MESH, ENDPOINT_F_MESH_STRICT, EndpointInfo, IDENTITY_HOST, IDENTITY_WORLD,
+        PolicyKey, VERDICT_ALLOW, VERDICT_DENY,
     },
     service::{PROTO_TCP, PROTO_UDP, v4_mapped},
-    stats::{STAT_FLOW_EVENTS_LOST, STAT_FLOW_UPDATE_FAILED},
+    stats::{STAT_FLOW_EVENTS_LOST, STAT_FLOW_UPDATE_FAILED, STAT_MESH_STRICT_DROPPED},
 };
 
 use crate::maps::{
@@ -255,7 +264,7 @@ fn track(ifindex: u32, ep: &EndpointInfo, pkt: &Packet, pkt_dir: u8) -> i32 {
     }
 
     if v.policy_revision != ep.policy_revision {
-        let (verdict, reason, policy_id, peer) = evaluate(ep, &key);
+        let (verdict, reason, policy_id, peer) = evaluate(ep, &key, is_fwd && syn_only);
         let newly_denied = verdict == VERDICT_DENY && v.verdict != VERDICT_DENY;
         v.verdict = verdict;
         v.drop_reason = reason;
@@ -313,9 +322,10 @@ fn add(counter: &mut u64, n: u64) {
 }
 
 /// Evaluates policy for a flow with key `key` at endpoint `ep`: (verdict, drop reason,
-/// policy id, the peer's identity).
+/// policy id, the peer's identity). `opening`: the packet is the initiator's SYN without
+/// ACK, which mode STRICT refuses.
 #[inline(always)]
-fn evaluate(ep: &EndpointInfo, key: &FlowKey) -> (u8, u8, u32, u32) {
+fn evaluate(ep: &EndpointInfo, key: &FlowKey, opening: bool) -> (u8, u8, u32, u32) {
     // The peer: the initiator for ingress flows, the responder for egress ones.
     let peer_addr = if key.direction == DIR_INGRESS {
         key.saddr_be
@@ -328,6 +338,18 @@ fn evaluate(ep: &EndpointInfo, key: &FlowKey) -> (u8, u8, u32, u32) {
     };
     if key.direction != DIR_INGRESS {
         return (VERDICT_ALLOW, DROP_REASON_NONE, 0, peer);
+    }
+    if key.proto == PROTO_TCP {
+        if key.dport_be == MESH_HBONE_PORT.to_be() {
+            if ep.flags & ENDPOINT_F_MESH != 0 {
+                return (VERDICT_ALLOW, DROP_REASON_NONE, 0, peer);
+            }
+        } else if opening && ep.flags & ENDPOINT_F_MESH_STRICT != 0 && peer != IDENTITY_HOST {
+            // Counted once per refused connection: its retransmitted SYNs hit the flow's
+            // cached verdict.
+            count(STAT_MESH_STRICT_DROPPED);
+            return (VERDICT_DENY, DROP_REASON_MTLS_STRICT, 0, peer);
+        }
     }
     let mut pk = PolicyKey {
         endpoint_id: ep.endpoint_id,
@@ -384,7 +406,8 @@ fn set_identities(v: &mut FlowValue, ep: &EndpointInfo, key: &FlowKey, peer: u32
 /// First packet of a flow (`key`: this packet's tuple and direction).
 #[inline(always)]
 fn new_flow(ifindex: u32, ep: &EndpointInfo, key: &FlowKey, pkt: &Packet, now: u64) -> i32 {
-    let (verdict, drop_reason, policy_id, peer) = evaluate(ep, key);
+    let opening = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let (verdict, drop_reason, policy_id, peer) = evaluate(ep, key, opening);
     let mut v = FlowValue {
         packets_fwd: 1,
         bytes_fwd: pkt.len,

@@ -21,6 +21,10 @@
 //! EndpointSlice change to the kernel map at a steady rate of changes (see
 //! [`controlplane`]).
 //!
+//! `mtls` measures what the mesh costs between two nodes: throughput, round trips, HTTP
+//! requests, new connections, proxy CPU and memory, with no agent, with the agents and
+//! nothing enrolled, and with both pods enrolled in STRICT mutual TLS (see [`mtls`]).
+//!
 //! Needs root (network namespaces, cgroups, eBPF), like the integration tests.
 
 use std::{
@@ -50,6 +54,8 @@ use serde::{Deserialize, Serialize};
 // directory of its own name, as a library module would.
 #[path = "mycel-bench/controlplane.rs"]
 mod controlplane;
+#[path = "mycel-bench/mtls.rs"]
+mod mtls;
 
 #[derive(Debug, Parser)]
 #[command(name = "mycel-bench", about = "mycel's benchmarks")]
@@ -68,6 +74,15 @@ enum Command {
     /// The Kubernetes source at scale: time to ready, memory, EndpointSlice change → map
     /// latency, against a fake API server.
     Controlplane(controlplane::ControlPlaneArgs),
+    /// The mesh between two nodes: direct, L4 only and mTLS side by side (throughput,
+    /// round trips, HTTP, new connections, proxy CPU and memory).
+    Mtls(mtls::MtlsArgs),
+    /// (internal) The `mtls` bench's servers and clients, run inside its pods.
+    #[command(hide = true)]
+    MtlsPod {
+        #[command(subcommand)]
+        command: mtls::PodCommand,
+    },
     /// (internal) The data-path client, run inside a client pod.
     Client {
         #[arg(long)]
@@ -132,6 +147,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Client { addr, count } => client(addr, count),
+        Command::MtlsPod { command } => mtls::pod_main(command),
+        Command::Mtls(args) => {
+            if !env::privileged_or_skip("mycel-bench mtls") {
+                return ExitCode::FAILURE;
+            }
+            match mtls::run(&args) {
+                Ok(out) => report(&out, args.output.as_deref()),
+                Err(e) => {
+                    eprintln!("mycel-bench mtls: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Lb(args) => {
             if !env::privileged_or_skip("mycel-bench lb") {
                 return ExitCode::FAILURE;

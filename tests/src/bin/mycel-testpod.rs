@@ -37,6 +37,14 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Answers each line of each connection with the client's address as the accepted
+    /// socket sees it (`getpeername()`), so a test learns which source address reached
+    /// the server. Prints `ready` once listening.
+    TcpPeerServer {
+        /// Port to listen on, IPv4 and IPv6.
+        #[arg(long)]
+        port: u16,
+    },
     /// Answers each datagram with `NAME`. Prints `ready` once bound.
     UdpServer {
         /// Port to bind, IPv4 and IPv6.
@@ -101,12 +109,17 @@ struct ClientArgs {
     /// See `--until-answer`.
     #[arg(long, default_value_t = 1)]
     consecutive: u32,
+    /// The request line each TCP attempt sends (servers answer any line), e.g. a marker a
+    /// packet capture looks for.
+    #[arg(long, default_value = "?")]
+    message: String,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::TcpServer { port, name } => tcp_server(port, &name),
+        Command::TcpPeerServer { port } => tcp_peer_server(port),
         Command::UdpServer { port, name } => udp_server(port, &name),
         Command::TcpClient { common, hold_ms } => {
             run_client(&common, |a| tcp_attempt(a, &common, hold_ms))
@@ -172,6 +185,30 @@ fn serve_tcp(conn: TcpStream, name: &str) -> io::Result<()> {
         };
         writer.write_all(answer.as_bytes())?;
     }
+}
+
+fn tcp_peer_server(port: u16) -> io::Result<ExitCode> {
+    let listener = TcpListener::bind(SocketAddr::from(([0u16; 8], port)))?;
+    println!("ready");
+    exit_on_stdin_eof();
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        thread::spawn(move || {
+            // A `[::]` socket reports IPv4 clients as `::ffff:a.b.c.d`: answer the plain
+            // IPv4 form, as the client knows its own address.
+            let peer = conn.peer_addr().map(|a| match a {
+                SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+                    Some(v4) => SocketAddr::from((v4, v6.port())),
+                    None => a,
+                },
+                v4 => v4,
+            });
+            if let Ok(peer) = peer {
+                let _ = serve_tcp(conn, &peer.to_string());
+            }
+        });
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn udp_server(port: u16, name: &str) -> io::Result<ExitCode> {
@@ -244,7 +281,7 @@ fn tcp_attempt(addr: SocketAddr, args: &ClientArgs, hold_ms: u64) -> ConnectResu
     };
     result.peer = stream.peer_addr().ok().map(|a| a.to_string());
     result.local = stream.local_addr().ok().map(|a| a.to_string());
-    match ask_tcp(&stream, timeout) {
+    match ask_tcp_with(&stream, timeout, &args.message) {
         Ok(answer) => result.answer = Some(answer),
         Err(e) => result.error = Some(error_name(&e)),
     }
@@ -256,10 +293,15 @@ fn tcp_attempt(addr: SocketAddr, args: &ClientArgs, hold_ms: u64) -> ConnectResu
 
 /// Sends one request line and reads the answer line.
 fn ask_tcp(stream: &TcpStream, timeout: Duration) -> io::Result<String> {
+    ask_tcp_with(stream, timeout, "?")
+}
+
+/// Sends `request` as one line and reads the answer line.
+fn ask_tcp_with(stream: &TcpStream, timeout: Duration, request: &str) -> io::Result<String> {
     stream.set_read_timeout(Some(timeout))?;
     stream.set_nodelay(true)?;
     let mut writer = stream;
-    writer.write_all(b"?\n")?;
+    writer.write_all(format!("{request}\n").as_bytes())?;
     let mut answer = String::new();
     let mut reader = BufReader::new(stream);
     if reader.read_line(&mut answer)? == 0 {

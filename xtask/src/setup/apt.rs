@@ -24,6 +24,10 @@ pub fn packages(llvm: u32) -> Vec<String> {
         "iproute2".to_owned(),
         // `ps`, `pkill` and `sysctl`, which tests use.
         "procps".to_owned(),
+        // Traffic generators of `cargo xtask bench mtls`: TCP throughput and HTTP
+        // keep-alive request rate.
+        "iperf3".to_owned(),
+        "wrk".to_owned(),
         // The kernel matrix: `xz` unpacks kernel modules, the keyring verifies the Debian
         // archive it downloads kernels and qemu from, `dpkg-deb` unpacks them.
         "xz-utils".to_owned(),
@@ -133,6 +137,8 @@ fn check_elsewhere(os: &OsRelease, llvm: u32, linker_ok: bool) -> Vec<Check> {
         llvm_check,
         tool("ip", "iproute2"),
         tool("ps", "procps"),
+        tool("iperf3", "iperf3"),
+        tool("wrk", "wrk"),
         tool("xz", "xz-utils"),
     ]
 }

@@ -18,11 +18,15 @@ const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 /// The labels kept of pods of other nodes: policies select only local workloads, so a
 /// remote pod's labels serve only to name it in flow metrics (as Istio's do). With tens of
 /// thousands of pods this is most of what a pod costs in memory.
-const REMOTE_LABELS: [&str; 4] = [
+/// The mesh labels are kept too: a client's node needs to know whether the destination
+/// is enrolled.
+const REMOTE_LABELS: [&str; 6] = [
     "app",
     "app.kubernetes.io/name",
     "version",
     "app.kubernetes.io/version",
+    state::mesh::MODE_LABEL,
+    state::mesh::MTLS_MODE_LABEL,
 ];
 
 /// What the model needs of a pod, and what discovery needs to find it on the node.
@@ -93,6 +97,15 @@ pub fn pod(
         invalid("metadata.name".into(), Problem::Missing);
         return Err(errors);
     };
+    let labels = pod.metadata.labels.as_ref();
+    if let Some(Err(problems)) = labels.map(state::mesh::MeshLabels::parse) {
+        for (label, problem) in problems {
+            invalid(
+                format!("metadata.labels[{label:?}]"),
+                Problem::BadLabel(problem),
+            );
+        }
+    }
     if !errors.is_empty() {
         return Err(errors);
     }
