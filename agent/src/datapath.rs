@@ -361,3 +361,29 @@ impl Datapath {
         unpin(pin_dir)
     }
 }
+
+/// A removal that found nothing removed is not an error.
+pub(crate) fn remove_ok(
+    r: Result<(), aya::maps::MapError>,
+    map: &'static str,
+) -> Result<(), Error> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(Error::map(map, e)),
+    }
+}
+
+/// A map that is full gets an error saying so and naming `what` did not fit.
+pub(crate) fn full_or(
+    map: &'static str,
+    e: aya::maps::MapError,
+    what: impl FnOnce() -> String,
+) -> Error {
+    let full = matches!(&e, aya::maps::MapError::SyscallError(s)
+        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)));
+    if full {
+        Error::MapFull { map, what: what() }
+    } else {
+        Error::map(map, e)
+    }
+}

@@ -93,6 +93,16 @@ pub const TRANSPARENT_RULE_PRIORITY: u32 = 15008;
 const LISTEN_BACKLOG: i32 = 1024;
 /// The sysctl [`PodNet::prepare`] turns on (a per-namespace setting).
 const FWMARK_ACCEPT_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// Ports the kernel must not pick as the source port of the workload's own connections
+/// (a per-namespace setting, covering IPv6 too).
+const RESERVED_PORTS_SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+/// The proxy's ports inside the namespace. A workload whose ephemeral port range includes
+/// them (some widen it to 1024-65535 for many connections) could otherwise hold one as the
+/// source port of a connection, and the proxy could not listen there.
+pub const PROXY_PORTS: [u16; 2] = [
+    mycel_common::mesh::MESH_OUTBOUND_PORT,
+    mycel_common::mesh::MESH_HBONE_PORT,
+];
 /// Name of the threads of [`PodNet::prepare`] and [`PodNet::cleanup`], as `ps -T` and
 /// `top -H` show them.
 const NETLINK_THREAD_NAME: &str = "mycel-podnet-nl";
@@ -333,6 +343,7 @@ impl PodNet {
     pub async fn prepare(&self) -> Result<(), Error> {
         self.in_netns(Runner::OwnThread, |inner| {
             inner.write_sysctl(FWMARK_ACCEPT_SYSCTL, "1")?;
+            inner.edit_sysctl(RESERVED_PORTS_SYSCTL, |list| reserve(list, &PROXY_PORTS))?;
             inner.with_netlink(rules::install)
         })
         .await
@@ -344,6 +355,7 @@ impl PodNet {
     pub async fn cleanup(&self) -> Result<(), Error> {
         self.in_netns(Runner::OwnThread, |inner| {
             inner.with_netlink(rules::remove)?;
+            inner.edit_sysctl(RESERVED_PORTS_SYSCTL, |list| unreserve(list, &PROXY_PORTS))?;
             inner.write_sysctl(FWMARK_ACCEPT_SYSCTL, "0")
         })
         .await
@@ -433,6 +445,21 @@ impl Inner {
     /// Writes `value` to the sysctl file `path` of this namespace, unless it holds it
     /// already. Must run on a thread inside the namespace: `/proc/sys/net` shows the
     /// namespace of the thread that opens it.
+    /// Rewrites a sysctl with `edit` of its current value; `None` leaves it alone.
+    fn edit_sysctl(
+        &self,
+        path: &str,
+        edit: impl FnOnce(&str) -> Option<String>,
+    ) -> Result<(), Error> {
+        let current = fs::read_to_string(path).map_err(self.io(format!("read {path}")))?;
+        match edit(current.trim()) {
+            Some(value) => {
+                fs::write(path, &value).map_err(self.io(format!("write {value} to {path}")))
+            }
+            None => Ok(()),
+        }
+    }
+
     fn write_sysctl(&self, path: &str, value: &str) -> Result<(), Error> {
         let current = fs::read_to_string(path).map_err(self.io(format!("read {path}")))?;
         if current.trim() == value {
@@ -465,5 +492,77 @@ impl Inner {
                 source: failure.source,
             })
         })
+    }
+}
+
+/// `ip_local_reserved_ports` (`8080,15000-15010`) with `ports` added; `None` when every
+/// one is already covered.
+fn reserve(list: &str, ports: &[u16]) -> Option<String> {
+    let covered = |port: u16| {
+        list.split(',')
+            .any(|item| match item.trim().split_once('-') {
+                Some((lo, hi)) => {
+                    lo.parse::<u16>().is_ok_and(|lo| lo <= port)
+                        && hi.parse::<u16>().is_ok_and(|hi| port <= hi)
+                }
+                None => item.trim().parse::<u16>() == Ok(port),
+            })
+    };
+    let missing: Vec<String> = ports
+        .iter()
+        .filter(|p| !covered(**p))
+        .map(u16::to_string)
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let mut items: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+        .collect();
+    items.extend(missing.iter().map(String::as_str));
+    Some(items.join(","))
+}
+
+/// `ip_local_reserved_ports` without the single-port entries `ports` (ranges someone else
+/// wrote are left alone); `None` when there is nothing to remove.
+fn unreserve(list: &str, ports: &[u16]) -> Option<String> {
+    let items: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+        .collect();
+    let kept: Vec<&str> = items
+        .iter()
+        .copied()
+        .filter(|i| !i.parse::<u16>().is_ok_and(|p| ports.contains(&p)))
+        .collect();
+    (kept.len() != items.len()).then(|| kept.join(","))
+}
+
+#[cfg(test)]
+mod reserved_ports_tests {
+    use super::{reserve, unreserve};
+
+    #[test]
+    fn proxy_ports_are_added_once_and_removed_alone() {
+        assert_eq!(reserve("", &[15001, 15008]).as_deref(), Some("15001,15008"));
+        assert_eq!(
+            reserve("8080", &[15001, 15008]).as_deref(),
+            Some("8080,15001,15008")
+        );
+        assert_eq!(reserve("15000-15010", &[15001, 15008]), None);
+        assert_eq!(reserve("15001,15008", &[15001, 15008]), None);
+        assert_eq!(
+            reserve("15008", &[15001, 15008]).as_deref(),
+            Some("15008,15001")
+        );
+        assert_eq!(
+            unreserve("8080,15001,15008", &[15001, 15008]).as_deref(),
+            Some("8080")
+        );
+        assert_eq!(unreserve("15000-15010", &[15001, 15008]), None);
+        assert_eq!(unreserve("", &[15001, 15008]), None);
     }
 }

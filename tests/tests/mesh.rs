@@ -399,4 +399,63 @@ fn enrolling_and_leaving_at_runtime() {
         .tcp_client(dst, 2)
         .answers_without_errors("after leaving");
     assert_eq!(mtls_opened(&a1, "source"), before);
+
+    // And back in: the same agents serve the same pods again.
+    two.write_workloads(
+        "workloads.yaml",
+        &[
+            (&client, enrolled(&client, "client", "STRICT")),
+            (&server, enrolled(&server, "server", "STRICT")),
+        ],
+    );
+    wait_serving(&a1, 1);
+    wait_serving(&a2, 1);
+    let report = client.tcp_client(dst, 2);
+    assert!(
+        report.results.iter().all(|r| r.answer.is_some()),
+        "{}\nnode 1:\n{}\nnode 2:\n{}",
+        report.summary(),
+        a1.log_tail(30),
+        a2.log_tail(30)
+    );
+    assert!(mtls_opened(&a1, "source") >= before + 2.0);
+}
+
+#[test]
+fn a_restarted_agent_serves_its_workloads_again() {
+    require_root!();
+    let two = TwoNodes::new();
+    let client = two.node1.pod("client");
+    let server = two.node2.pod("server");
+    let _server = peer_server(&server);
+    two.write_workloads(
+        "workloads.yaml",
+        &[
+            (&client, enrolled(&client, "client", "STRICT")),
+            (&server, enrolled(&server, "server", "STRICT")),
+        ],
+    );
+    let (mut a1, mut a2) = two.start_agents(AgentOptions::default());
+    wait_serving(&a1, 1);
+    wait_serving(&a2, 1);
+    let dst = SocketAddr::new(IpAddr::V4(server.ipv4), PORT);
+    client
+        .tcp_client(dst, 2)
+        .answers_without_errors("before the restarts");
+    for (agent, name) in [(&mut a1, "client's node"), (&mut a2, "server's node")] {
+        agent.restart();
+        wait_serving(agent, 1);
+        let report = client.tcp_client(dst, 2);
+        assert!(
+            report.results.iter().all(|r| r.answer.is_some()),
+            "after restarting the {name}'s agent: {}\n{}",
+            report.summary(),
+            agent.log_tail(20)
+        );
+        assert!(
+            !agent.log().contains("Address already in use"),
+            "{}",
+            agent.log_tail(20)
+        );
+    }
 }

@@ -24,7 +24,7 @@ pub use mycel_common::mesh::{
 use serde::Serialize;
 use tracing::debug;
 
-use super::Error;
+use super::{Error, full_or, remove_ok};
 
 const MESH_DESTS: &str = "MESH_DESTS";
 const MESH_SOURCES: &str = "MESH_SOURCES";
@@ -300,23 +300,6 @@ pub fn decode_orig_dst(orig: &OrigDst) -> Result<SocketAddr, OrigDstError> {
         return Err(OrigDstError::Loop(addr));
     }
     Ok(addr)
-}
-
-fn remove_ok(r: Result<(), MapError>, map: &'static str) -> Result<(), Error> {
-    match r {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(Error::map(map, e)),
-    }
-}
-
-fn full_or(map: &'static str, e: MapError, what: impl FnOnce() -> String) -> Error {
-    let full = matches!(&e, MapError::SyscallError(s)
-        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)));
-    if full {
-        Error::MapFull { map, what: what() }
-    } else {
-        Error::map(map, e)
-    }
 }
 
 #[cfg(test)]

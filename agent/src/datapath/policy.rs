@@ -17,7 +17,7 @@ use std::{
     net::IpAddr,
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie};
+use aya::maps::{HashMap as BpfHashMap, MapData, lpm_trie::Key, lpm_trie::LpmTrie};
 use mycel_common::{
     policy::{EndpointInfo, IpcacheAddr, IpcacheValue, PolicyKey, PolicyValue},
     service::v4_mapped,
@@ -25,7 +25,7 @@ use mycel_common::{
 use serde::Serialize;
 use tracing::debug;
 
-use super::Error;
+use super::{Error, full_or, remove_ok};
 
 const IPCACHE: &str = "IPCACHE";
 const ENDPOINTS: &str = "ENDPOINTS";
@@ -254,22 +254,5 @@ impl PolicyMaps {
             stats.endpoint_deletes += 1;
         }
         Ok(stats)
-    }
-}
-
-fn remove_ok(r: Result<(), MapError>, map: &'static str) -> Result<(), Error> {
-    match r {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(Error::map(map, e)),
-    }
-}
-
-fn full_or(map: &'static str, e: MapError, what: impl FnOnce() -> String) -> Error {
-    let full = matches!(&e, MapError::SyscallError(s)
-        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)));
-    if full {
-        Error::MapFull { map, what: what() }
-    } else {
-        Error::map(map, e)
     }
 }

@@ -157,24 +157,39 @@ fn refuse(how: Refusal) -> i32 {
     REJECT
 }
 
+/// Load balancing: the backend chosen when `key` is a service frontend, `Ok(None)` for
+/// any other destination, `Err(verdict)` when the call is refused (no ready backend, or
+/// an IPv6 backend for an IPv4 socket, which the agent never programs).
+#[inline(always)]
+fn choose(
+    ctx: &SockAddrContext,
+    key: &ServiceKey,
+    how: Refusal,
+    v4_socket: bool,
+) -> Result<Option<Backend>, i32> {
+    // SAFETY: the map value is copied out.
+    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+        return Ok(None);
+    };
+    let Some(backend) = select(ctx, &svc) else {
+        return Err(refuse(how));
+    };
+    if v4_socket && !is_v4_mapped(&backend.addr_be) {
+        return Err(refuse(how));
+    }
+    count(STAT_LB_TRANSLATED);
+    Ok(Some(backend))
+}
+
 /// Load balancing, then mesh redirection, of one connect()/sendmsg() on an IPv4 socket.
 #[inline(always)]
 fn translate4(ctx: &SockAddrContext, how: Refusal, mesh: Mesh) -> i32 {
     let sa = sock_addr(ctx);
     let key = service_key(v4_mapped(sa.user_ip4), sa.user_port, sa.protocol);
-    let mut chosen: Option<Backend> = None;
-    // SAFETY: the map value is copied out.
-    if let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() {
-        let Some(backend) = select(ctx, &svc) else {
-            return refuse(how);
-        };
-        if !is_v4_mapped(&backend.addr_be) {
-            // An IPv4 socket cannot reach an IPv6 backend; the agent never programs this.
-            return refuse(how);
-        }
-        count(STAT_LB_TRANSLATED);
-        chosen = Some(backend);
-    }
+    let chosen = match choose(ctx, &key, how, true) {
+        Ok(chosen) => chosen,
+        Err(verdict) => return verdict,
+    };
     let (dst_be, port_be) = match &chosen {
         Some(b) => (b.addr_be, b.port_be),
         None => (key.addr_be, key.port_be),
@@ -205,15 +220,10 @@ fn translate4(ctx: &SockAddrContext, how: Refusal, mesh: Mesh) -> i32 {
 fn translate6(ctx: &SockAddrContext, how: Refusal, mesh: Mesh) -> i32 {
     let sa = sock_addr(ctx);
     let key = service_key(user_ip6(sa), sa.user_port, sa.protocol);
-    let mut chosen: Option<Backend> = None;
-    // SAFETY: the map value is copied out.
-    if let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() {
-        let Some(backend) = select(ctx, &svc) else {
-            return refuse(how);
-        };
-        count(STAT_LB_TRANSLATED);
-        chosen = Some(backend);
-    }
+    let chosen = match choose(ctx, &key, how, false) {
+        Ok(chosen) => chosen,
+        Err(verdict) => return verdict,
+    };
     let (dst_be, port_be) = match &chosen {
         Some(b) => (b.addr_be, b.port_be),
         None => (key.addr_be, key.port_be),

@@ -3,13 +3,14 @@
 //! directory of YAML, and shows service load balancing done in the kernel at connect()
 //! time: connections spreading over the backends, the application seeing the service
 //! address, scaling up and down, a broken file that changes nothing, an AuthorizationPolicy
-//! that lets one client in and keeps another out with their flows, and the CLI. Everything
+//! that lets one client in and keeps another out with their flows, mutual TLS between the
+//! enrolled client and web (the intruder's plaintext dropped), and the CLI. Everything
 //! it created is removed at the end, also when a step fails.
 
 use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 
 use mycel_tests::{
-    Agent, Node, ResourceDir, env,
+    Agent, Node, ResourceDir, WorkloadYaml, env,
     scenario::{BACKEND_PORT, Backends, WEB_PORT, WEB_VIP4, backend_addr, web_ipv4, web_vip4},
 };
 
@@ -182,10 +183,81 @@ fn demo() {
         );
     }
 
-    step(9, "`mycel status`");
+    step(
+        9,
+        "mutual TLS: enroll client and web in the mesh (mycel.dev/mode: mesh, STRICT)",
+    );
+    let docs: Vec<String> = workloads
+        .iter()
+        .map(|(pod, app)| {
+            let w = WorkloadYaml::for_pod(pod, app);
+            if *app == "intruder" {
+                w.to_yaml()
+            } else {
+                w.label("mycel.dev/mode", "mesh")
+                    .label("mycel.dev/mtls-mode", "STRICT")
+                    .to_yaml()
+            }
+        })
+        .collect();
+    resources.write("workloads.yaml", &docs);
+    agent.wait_for(
+        "the proxy to serve client and web",
+        Duration::from_secs(10),
+        |a| {
+            // One certificate per identity: web's and the client's.
+            serde_json::from_str::<serde_json::Value>(&a.get("/debug/status").1)
+                .ok()
+                .and_then(|v| v["certificates"].as_array().map(Vec::len))
+                .is_some_and(|n| n >= 2)
+        },
+    );
+    let mtls = |a: &Agent<'_>| {
+        a.metric_value(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "source"),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = mtls(&agent);
+    let allowed = client.tcp_client_with(web_vip4(), 10, &["--timeout-ms", "1000"]);
+    let denied = intruder.tcp_client_with(web_vip4(), 3, &["--timeout-ms", "300"]);
+    println!(
+        "   client   → web: {} of 10 answered, through HBONE tunnels (HTTP/2 CONNECT over mutual TLS)",
+        ok(&allowed)
+    );
+    println!(
+        "   intruder → web: {} of 3 answered (plaintext to a STRICT workload is dropped)",
+        ok(&denied)
+    );
+    let tunnels = mtls(&agent) - before;
+    println!(
+        "   istio_tcp_connections_opened_total{{connection_security_policy=\"mutual_tls\"}} +{tunnels}"
+    );
+    assert_eq!(
+        ok(&allowed),
+        10,
+        "the client goes through the mesh: {}",
+        allowed.summary()
+    );
+    assert_eq!(
+        ok(&denied),
+        0,
+        "the intruder is dropped: {}",
+        denied.summary()
+    );
+    assert!(tunnels >= 10.0, "the connections went through the proxy");
+
+    step(
+        10,
+        "`mycel status`: programs, counters, and the workloads' certificates",
+    );
     print!("{}", indent(&cli(&agent, &["status"])));
 
-    step(10, "cleaning up: agent, namespaces, cgroups, pinned maps");
+    step(11, "cleaning up: agent, namespaces, cgroups, pinned maps");
 }
 
 /// Waits until the agent's maps hold exactly `pods` as web's backends; returns how long.

@@ -977,9 +977,13 @@ pub fn run(args: &MtlsArgs) -> Result<String, String> {
     let server = two.node2.pod("server");
     // Every new connection leaves the client a TIME_WAIT socket for a minute, all to the
     // same address and port: widen the ephemeral range and let new connections reuse them.
+    // The widened range includes the proxy's ports, which the agent reserves when the pod
+    // is enrolled; reserve them from the start, or the `direct` and `l4` rounds could leave
+    // one in TIME_WAIT as a source port and keep the proxy from listening for a minute.
     netns::run_in(&client.netns, || {
         for (knob, value) in [
             ("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535"),
+            ("/proc/sys/net/ipv4/ip_local_reserved_ports", "15001,15008"),
             ("/proc/sys/net/ipv4/tcp_tw_reuse", "1"),
         ] {
             fs::write(knob, value).unwrap_or_else(|e| panic!("setting {knob} to {value}: {e}"));
