@@ -58,7 +58,7 @@ use std::fs::{self, File};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use nix::sched::{CloneFlags, setns};
 use nix::sys::socket::{setsockopt, sockopt};
@@ -196,7 +196,19 @@ struct Inner {
     path: PathBuf,
     pod_ip: IpAddr,
     netns: File,
+    /// Unconfigured TCP sockets of the workload's family made in the namespace ahead of
+    /// need: a socket keeps the namespace it was made in, and everything else
+    /// (`IP_TRANSPARENT`, the mark, `bind`) can be done from any thread. So a new tunnel
+    /// does not wait for the helper thread; it refills the spares in the background.
+    spare: std::sync::Mutex<Vec<Socket>>,
+    /// A refill is queued on the helper thread.
+    refilling: std::sync::atomic::AtomicBool,
 }
+
+/// Below this many spare sockets, a refill is queued.
+const SPARE_LOW: usize = 4;
+/// Sockets a refill makes.
+const SPARE_BATCH: usize = 16;
 
 impl PodNet {
     /// Opens the namespace at `netns` (`/proc/<pid>/ns/net` or `/run/netns/<name>`) for the
@@ -221,6 +233,8 @@ impl PodNet {
                 path: netns.to_path_buf(),
                 pod_ip,
                 netns: file,
+                spare: std::sync::Mutex::new(Vec::new()),
+                refilling: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -316,22 +330,62 @@ impl PodNet {
                 client_ip,
             });
         }
-        let std_socket = self
-            .in_netns(Runner::Helper, move |inner| {
-                let socket = inner.tcp_socket(client_ip)?;
-                let transparent = match client_ip {
-                    IpAddr::V4(_) => socket.set_ip_transparent_v4(true),
-                    IpAddr::V6(_) => socket.set_ip_transparent_v6(true),
-                };
-                transparent.map_err(inner.io("set IP_TRANSPARENT (needs CAP_NET_ADMIN)"))?;
-                socket
-                    .set_mark(TRANSPARENT_MARK)
-                    .map_err(inner.io("set SO_MARK (needs CAP_NET_ADMIN)"))?;
-                inner.bind_no_port(&socket, client_ip)?;
-                Ok(std::net::TcpStream::from(socket))
-            })
-            .await?;
-        Ok(tokio::net::TcpSocket::from_std_stream(std_socket))
+        let spare = self
+            .inner
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        self.refill_spares();
+        let socket = match spare {
+            Some(socket) => socket,
+            None => {
+                self.in_netns(Runner::Helper, move |inner| inner.tcp_socket(client_ip))
+                    .await?
+            }
+        };
+        let inner = &self.inner;
+        let transparent = match client_ip {
+            IpAddr::V4(_) => socket.set_ip_transparent_v4(true),
+            IpAddr::V6(_) => socket.set_ip_transparent_v6(true),
+        };
+        transparent.map_err(inner.io("set IP_TRANSPARENT (needs CAP_NET_ADMIN)"))?;
+        socket
+            .set_mark(TRANSPARENT_MARK)
+            .map_err(inner.io("set SO_MARK (needs CAP_NET_ADMIN)"))?;
+        inner.bind_no_port(&socket, client_ip)?;
+        Ok(tokio::net::TcpSocket::from_std_stream(
+            std::net::TcpStream::from(socket),
+        ))
+    }
+
+    /// Queues the making of [`SPARE_BATCH`] spare sockets on the helper thread when fewer
+    /// than [`SPARE_LOW`] are left; returns at once. A failure only means the next
+    /// tunnel makes its own socket (and reports the error then).
+    fn refill_spares(&self) {
+        use std::sync::atomic::Ordering;
+        let inner = &self.inner;
+        let low = inner.spare.lock().unwrap_or_else(PoisonError::into_inner).len() < SPARE_LOW;
+        if !low || inner.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = Arc::clone(inner);
+        let job = move || {
+            if setns(&inner.netns, CloneFlags::CLONE_NEWNET).is_ok() {
+                let made: Vec<Socket> = (0..SPARE_BATCH)
+                    .map_while(|_| inner.tcp_socket(inner.pod_ip).ok())
+                    .collect();
+                inner
+                    .spare
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(made);
+            }
+            inner.refilling.store(false, Ordering::Release);
+        };
+        if helper::run(Box::new(job)).is_err() {
+            self.inner.refilling.store(false, Ordering::Release);
+        }
     }
 
     /// Sets the namespace up so that replies to [`PodNet::transparent_socket`]s come back
@@ -442,10 +496,9 @@ impl Inner {
             .map_err(self.io(format!("bind {ip}")))
     }
 
-    /// Writes `value` to the sysctl file `path` of this namespace, unless it holds it
-    /// already. Must run on a thread inside the namespace: `/proc/sys/net` shows the
-    /// namespace of the thread that opens it.
-    /// Rewrites a sysctl with `edit` of its current value; `None` leaves it alone.
+    /// Rewrites the sysctl file `path` of this namespace with `edit` of its current
+    /// value; `None` leaves it alone. Must run on a thread inside the namespace, as
+    /// [`Inner::write_sysctl`].
     fn edit_sysctl(
         &self,
         path: &str,
@@ -460,6 +513,9 @@ impl Inner {
         }
     }
 
+    /// Writes `value` to the sysctl file `path` of this namespace, unless it holds it
+    /// already. Must run on a thread inside the namespace: `/proc/sys/net` shows the
+    /// namespace of the thread that opens it.
     fn write_sysctl(&self, path: &str, value: &str) -> Result<(), Error> {
         let current = fs::read_to_string(path).map_err(self.io(format!("read {path}")))?;
         if current.trim() == value {

@@ -21,8 +21,10 @@ use mycel_tests::fakeapi::FakeApiServer;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-/// How long any single expectation may take before the test fails.
-const WAIT: Duration = Duration::from_secs(10);
+/// How long any single expectation may take before the test fails. Generous: a re-watch
+/// after a cut stream goes through kube's backoff (jittered, growing per failure), and
+/// the whole suite shares two cores; passing runs take milliseconds.
+const WAIT: Duration = Duration::from_secs(30);
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
