@@ -365,7 +365,12 @@ impl PodNet {
     fn refill_spares(&self) {
         use std::sync::atomic::Ordering;
         let inner = &self.inner;
-        let low = inner.spare.lock().unwrap_or_else(PoisonError::into_inner).len() < SPARE_LOW;
+        let low = inner
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+            < SPARE_LOW;
         if !low || inner.refilling.swap(true, Ordering::AcqRel) {
             return;
         }

@@ -59,6 +59,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
 /// Default for [`Config::max_streams_per_connection`].
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Default for [`Config::max_connections_per_destination`]: a few, so that parallel
+/// transfers between two workloads are not bound to one core.
+pub const DEFAULT_MAX_CONNECTIONS_PER_DESTINATION: usize = 4;
 /// Default for [`Config::pool_idle_timeout`].
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -176,6 +179,9 @@ pub struct Config {
     pub max_streams_per_connection: u32,
     /// A pooled outbound connection without tunnels closes after this long.
     pub pool_idle_timeout: Duration,
+    /// Connections the pool opens to one destination (per source workload) before it
+    /// multiplexes concurrent tunnels on the busy ones.
+    pub max_connections_per_destination: usize,
     /// A tunnel that carries no byte in either direction for this long is closed; `None`
     /// keeps idle tunnels open, as plain TCP would.
     pub tunnel_idle_timeout: Option<Duration>,
@@ -189,6 +195,7 @@ impl Default for Config {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            max_connections_per_destination: DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
             tunnel_idle_timeout: None,
         }
     }

@@ -241,10 +241,20 @@ impl Outbound {
         // instead of each opening their own.
         let mut conns = conns.lock().await;
         conns.retain(|p| !lock(&p.state).closed);
-        for p in conns.iter() {
-            let max = p.send.current_max_send_streams();
+        // The least busy connection that can take a stream. One TLS connection is served
+        // by one task, so one CPU: while every connection already carries a tunnel and
+        // the pool is below its bound, a new connection lets concurrent tunnels use more
+        // cores (sequential tunnels keep reusing the first one).
+        let least = conns
+            .iter()
+            .filter(|p| {
+                let s = lock(&p.state);
+                !s.closed && s.active < p.send.current_max_send_streams()
+            })
+            .min_by_key(|p| lock(&p.state).active);
+        if let Some(p) = least {
             let mut s = lock(&p.state);
-            if !s.closed && s.active < max {
+            if s.active == 0 || conns.len() >= self.cfg.max_connections_per_destination {
                 s.active += 1;
                 return Ok((p.send.clone(), Slot(p.state.clone())));
             }

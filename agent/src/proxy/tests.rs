@@ -590,7 +590,11 @@ async fn large_transfer_and_half_close() {
 
 #[tokio::test]
 async fn tunnels_share_one_connection() {
-    let env = env(Config::default()).await;
+    let env = env(Config {
+        max_connections_per_destination: 1,
+        ..Config::default()
+    })
+    .await;
     let (mut a, task_a) = env.open(env.request(CLIENT_IP));
     roundtrip(&mut a, b"first").await;
     let (mut b, task_b) = env.open(env.request(CLIENT_IP));
@@ -608,9 +612,38 @@ async fn tunnels_share_one_connection() {
 }
 
 #[tokio::test]
+async fn concurrent_tunnels_spread_over_a_few_connections_and_sequential_ones_reuse() {
+    let env = env(Config {
+        max_connections_per_destination: 2,
+        ..Config::default()
+    })
+    .await;
+    let mut open = Vec::new();
+    for i in 0..3u8 {
+        let (mut c, t) = env.open(env.request(CLIENT_IP));
+        roundtrip(&mut c, &[b'a' + i; 10]).await;
+        open.push((c, t));
+    }
+    // Two busy connections at most; the third tunnel shares the less busy one.
+    assert_eq!(env.metrics.handshakes_with(metrics::OUTBOUND, "ok"), 2);
+    assert_eq!(env.outbound.pooled_connections(), 2);
+    for (c, t) in open {
+        finish(c, t).await;
+    }
+    // One tunnel at a time: an idle pooled connection is reused, none is opened.
+    for i in 0..3u8 {
+        let (mut c, t) = env.open(env.request(CLIENT_IP));
+        roundtrip(&mut c, &[b'x' + i; 10]).await;
+        finish(c, t).await;
+    }
+    assert_eq!(env.metrics.handshakes_with(metrics::OUTBOUND, "ok"), 2);
+}
+
+#[tokio::test]
 async fn streams_beyond_the_server_limit_open_another_connection() {
     let cfg = Config {
         max_streams_per_connection: 2,
+        max_connections_per_destination: 1,
         ..Config::default()
     };
     let env = env(cfg).await;
