@@ -366,8 +366,15 @@ impl Install {
         if pod.host_network != Some(true) {
             p.push("the agent must run with hostNetwork: it attaches to host interfaces".into());
         }
-        if pod.host_pid == Some(true) || pod.host_ipc == Some(true) {
-            p.push("hostPID/hostIPC are not needed".into());
+        if pod.host_pid != Some(true) {
+            p.push(
+                "the agent must run with hostPID: it enters enrolled pods' network namespaces \
+                 through /proc/<pid>/ns/net of their processes"
+                    .into(),
+            );
+        }
+        if pod.host_ipc == Some(true) {
+            p.push("hostIPC is not needed".into());
         }
         if pod
             .security_context
@@ -835,6 +842,16 @@ fn the_rules_catch_mistakes() {
     /// What the report must mention, the kind changed, and the change.
     type Mutation = (&'static str, &'static str, Box<dyn Fn(&mut Value)>);
     let cases: Vec<Mutation> = vec![
+        (
+            "hostPID",
+            "DaemonSet",
+            Box::new(|v: &mut Value| {
+                v["spec"]["template"]["spec"]
+                    .as_object_mut()
+                    .expect("pod spec")
+                    .remove("hostPID");
+            }),
+        ),
         (
             "privileged",
             "DaemonSet",
