@@ -339,6 +339,35 @@ fn rotation_keeps_a_long_connection_and_sigterm_drains() {
     drop(hold);
 }
 
+/// Enrolls both pods (STRICT), waits until both agents serve them, and makes `count`
+/// connections from the first to the second, which must all be answered.
+fn enroll_and_connect(
+    two: &TwoNodes,
+    [client, server]: [&Pod; 2],
+    agents: [&Agent<'_>; 2],
+    count: u32,
+) {
+    two.write_workloads(
+        "workloads.yaml",
+        &[
+            (client, enrolled(client, "client", "STRICT")),
+            (server, enrolled(server, "server", "STRICT")),
+        ],
+    );
+    for agent in agents {
+        wait_serving(agent, 1);
+    }
+    let dst = SocketAddr::new(IpAddr::V4(server.ipv4), PORT);
+    let report = client.tcp_client(dst, count);
+    assert!(
+        report.results.iter().all(|r| r.answer.is_some()),
+        "{}\nnode 1:\n{}\nnode 2:\n{}",
+        report.summary(),
+        agents[0].log_tail(30),
+        agents[1].log_tail(30)
+    );
+}
+
 #[test]
 fn enrolling_and_leaving_at_runtime() {
     require_root!();
@@ -361,23 +390,7 @@ fn enrolling_and_leaving_at_runtime() {
         .answers_without_errors("before enrolling");
     assert_eq!(mtls_opened(&a1, "source"), 0.0);
 
-    two.write_workloads(
-        "workloads.yaml",
-        &[
-            (&client, enrolled(&client, "client", "STRICT")),
-            (&server, enrolled(&server, "server", "STRICT")),
-        ],
-    );
-    wait_serving(&a1, 1);
-    wait_serving(&a2, 1);
-    let report = client.tcp_client(dst, 3);
-    assert!(
-        report.results.iter().all(|r| r.answer.is_some()),
-        "{}\nnode 1:\n{}\nnode 2:\n{}",
-        report.summary(),
-        a1.log_tail(30),
-        a2.log_tail(30)
-    );
+    enroll_and_connect(&two, [&client, &server], [&a1, &a2], 3);
     assert!(mtls_opened(&a1, "source") >= 3.0, "{}", a1.metrics());
 
     // Leaving the mesh: plain TCP again, nothing redirected.
@@ -401,23 +414,7 @@ fn enrolling_and_leaving_at_runtime() {
     assert_eq!(mtls_opened(&a1, "source"), before);
 
     // And back in: the same agents serve the same pods again.
-    two.write_workloads(
-        "workloads.yaml",
-        &[
-            (&client, enrolled(&client, "client", "STRICT")),
-            (&server, enrolled(&server, "server", "STRICT")),
-        ],
-    );
-    wait_serving(&a1, 1);
-    wait_serving(&a2, 1);
-    let report = client.tcp_client(dst, 2);
-    assert!(
-        report.results.iter().all(|r| r.answer.is_some()),
-        "{}\nnode 1:\n{}\nnode 2:\n{}",
-        report.summary(),
-        a1.log_tail(30),
-        a2.log_tail(30)
-    );
+    enroll_and_connect(&two, [&client, &server], [&a1, &a2], 2);
     assert!(mtls_opened(&a1, "source") >= before + 2.0);
 }
 
