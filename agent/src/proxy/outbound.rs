@@ -17,7 +17,7 @@ use h2::client::SendRequest;
 use hyper::{Method, Request, StatusCode, Version};
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite},
     net::TcpStream,
 };
 use tokio_rustls::TlsConnector;
@@ -31,6 +31,11 @@ use super::{
     inbound::with_alpn,
     metrics::{OUTBOUND, TcpLabels},
 };
+
+/// Largest read of the client's first bytes, sent while the CONNECT is answered.
+const EARLY_CHUNK: usize = 16 * 1024;
+/// At most this much of the client's data is sent before the CONNECT is answered.
+const EARLY_LIMIT: u64 = 64 * 1024;
 
 /// Where a local client's connection should go.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -157,7 +162,7 @@ impl Outbound {
         result
     }
 
-    async fn tunnel<S>(&self, client: S, req: &OutboundRequest) -> Result<CopyStats, Error>
+    async fn tunnel<S>(&self, mut client: S, req: &OutboundRequest) -> Result<CopyStats, Error>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -183,11 +188,45 @@ impl Outbound {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
             })?;
         send = send.ready().await.map_err(h2_err)?;
-        let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
-        let response = tokio::time::timeout(self.cfg.connect_timeout * 2, response)
-            .await
-            .map_err(|_| Error::ConnectTimeout(req.dst))?
-            .map_err(h2_err)?;
+        let (response, mut stream) = send.send_request(request, false).map_err(h2_err)?;
+        // Client-first protocols (HTTP, TLS) write before the server says anything: what
+        // the client sends while the CONNECT is being answered goes along at once, instead
+        // of one tunnel round trip later. Bounded, so that a slow answer cannot make the
+        // stream buffer without limit; a refusal discards it, as a closed port would.
+        let mut early = 0u64;
+        let response = {
+            let deadline = tokio::time::sleep(self.cfg.connect_timeout * 2);
+            tokio::pin!(deadline);
+            tokio::pin!(response);
+            let mut buf = vec![0u8; EARLY_CHUNK];
+            let mut reading = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut response => break r.map_err(h2_err)?,
+                    () = &mut deadline => return Err(Error::ConnectTimeout(req.dst)),
+                    n = client.read(&mut buf), if reading => match n {
+                        // End of the client's writes: the copy below sees it again and
+                        // ends the stream.
+                        Ok(0) => reading = false,
+                        Ok(n) => {
+                            stream
+                                .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                                .map_err(h2_err)?;
+                            early += n as u64;
+                            reading = early < EARLY_LIMIT;
+                        }
+                        Err(source) => {
+                            return Err(Error::Tunnel {
+                                peer: req.hbone,
+                                dst: req.dst,
+                                source,
+                            });
+                        }
+                    },
+                }
+            }
+        };
         if response.status() != StatusCode::OK {
             return Err(Error::Refused {
                 peer: req.hbone,
@@ -207,6 +246,7 @@ impl Outbound {
         m.opened.get_or_create(&labels).inc();
         let sent = m.sent.get_or_create(&labels).clone();
         let received = m.received.get_or_create(&labels).clone();
+        sent.inc_by(early);
         let result = copy_bidirectional(
             client,
             tunnel,
@@ -222,11 +262,16 @@ impl Outbound {
         .await;
         m.closed.get_or_create(&labels).inc();
         drop(slot);
-        result.map_err(|source| Error::Tunnel {
-            peer: req.hbone,
-            dst: req.dst,
-            source,
-        })
+        result
+            .map(|stats| CopyStats {
+                a_to_b: stats.a_to_b + early,
+                ..stats
+            })
+            .map_err(|source| Error::Tunnel {
+                peer: req.hbone,
+                dst: req.dst,
+                source,
+            })
     }
 
     /// A connection with a free stream slot for `req`, opening one if needed.
