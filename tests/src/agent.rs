@@ -276,6 +276,20 @@ impl Agent<'_> {
             .map(|(_, v)| v)
     }
 
+    /// The sum over the series of metric `name` whose labels include `labels` (0 if there
+    /// are none): one per peer workload, for example.
+    pub fn metric_sum_where(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        parse_metric(&self.metrics(), name)
+            .into_iter()
+            .filter(|(l, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     /// The sum over all series of metric `name` (0 if there are none).
     pub fn metric_sum(&self, name: &str) -> f64 {
         parse_metric(&self.metrics(), name)

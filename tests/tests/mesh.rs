@@ -90,15 +90,13 @@ fn seen_sources(report: &ClientReport) -> Vec<IpAddr> {
 }
 
 fn mtls_opened(agent: &Agent<'_>, reporter: &str) -> f64 {
-    agent
-        .metric_value(
-            "istio_tcp_connections_opened_total",
-            &[
-                ("reporter", reporter),
-                ("connection_security_policy", "mutual_tls"),
-            ],
-        )
-        .unwrap_or(0.0)
+    agent.metric_sum_where(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", reporter),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    )
 }
 
 #[test]

@@ -213,14 +213,14 @@ fn demo() {
         },
     );
     let mtls = |a: &Agent<'_>| {
-        a.metric_value(
+        // One series per destination workload (web-2, web-3): their sum.
+        a.metric_sum_where(
             "istio_tcp_connections_opened_total",
             &[
                 ("reporter", "source"),
                 ("connection_security_policy", "mutual_tls"),
             ],
         )
-        .unwrap_or(0.0)
     };
     let before = mtls(&agent);
     let allowed = client.tcp_client_with(web_vip4(), 10, &["--timeout-ms", "1000"]);
