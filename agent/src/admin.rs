@@ -63,6 +63,9 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Counters of the kernel programs, by name.
     pub kernel_counters: Vec<(String, u64)>,
+    /// Local workloads the mesh proxy serves (listening in their namespaces).
+    #[serde(default)]
+    pub mesh_workloads: usize,
     /// The certificates of the local workloads' identities, sorted by identity.
     #[serde(default)]
     pub certificates: Vec<CertInfo>,

@@ -517,6 +517,7 @@ impl Agent {
         // Certificates renew in the background: show the current ones.
         if let Ok(mut s) = self.shared.status.write() {
             s.certificates = self.mesh.certificates();
+            s.mesh_workloads = self.mesh.local_workloads();
         }
         if self.mesh.has_pending() {
             self.sync_mesh();
@@ -599,6 +600,7 @@ impl Agent {
             s.errors_current = standing;
             s.last_error = self.last_error.clone();
             s.certificates = self.mesh.certificates();
+            s.mesh_workloads = self.mesh.local_workloads();
             s.trust_bundle = admin::TrustAnchor::from_bundle(&self.mesh.bundle());
         }
         // Rebuilding the owners costs a copy of every service's name: only when they change.

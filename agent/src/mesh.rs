@@ -108,6 +108,9 @@ pub struct Mesh {
     pending: BTreeMap<ObjectRef, String>,
     /// Mutual TLS mode of every enrolled workload, local or not.
     modes: BTreeMap<ObjectRef, MtlsMode>,
+    /// Workloads that left, by address: their tunnels draining, then their namespace's
+    /// set-up undone. The flag cancels the undoing when the workload comes back first.
+    leaving: HashMap<IpAddr, (Arc<std::sync::atomic::AtomicBool>, JoinHandle<()>)>,
     _renewal: JoinHandle<()>,
 }
 
@@ -161,6 +164,7 @@ impl Mesh {
             pods: BTreeMap::new(),
             pending: BTreeMap::new(),
             modes: BTreeMap::new(),
+            leaving: HashMap::new(),
             _renewal: renewal,
         }
     }
@@ -282,9 +286,16 @@ impl Mesh {
             }
         }
         self.pending.retain(|id, _| wanted.contains_key(id));
+        self.leaving.retain(|_, (_, task)| !task.is_finished());
         for (id, (w, ip)) in wanted {
             if self.pods.contains_key(&id) {
                 continue;
+            }
+            // Back before its namespace was cleaned up: keep the set-up (and wait for a
+            // clean-up already under way, so it cannot undo what is prepared next).
+            if let Some((cancel, task)) = self.leaving.remove(&ip) {
+                cancel.store(true, std::sync::atomic::Ordering::Release);
+                let _ = task.await;
             }
             match self.start_pod(&w, ip).await {
                 Ok(pod) => {
@@ -342,7 +353,7 @@ impl Mesh {
     }
 
     /// Stops serving a workload: no new connections; open tunnels get the drain grace.
-    fn stop_pod(&self, id: &ObjectRef, pod: PodProxy) {
+    fn stop_pod(&mut self, id: &ObjectRef, pod: PodProxy) {
         info!(workload = %id, address = %pod.ip, "no longer serving the workload in the mesh");
         pod.outbound.abort();
         self.pods_by_ip
@@ -350,13 +361,20 @@ impl Mesh {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&pod.ip);
         let id = id.clone();
-        tokio::spawn(async move {
+        let ip = pod.ip;
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cancelled = cancel.clone();
+        let task = tokio::spawn(async move {
             pod.inbound.drain(Duration::from_secs(1)).await;
+            if cancelled.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
             // The namespace may be gone with the workload; then there is nothing to undo.
             if let Err(e) = pod.net.cleanup().await {
                 debug!(workload = %id, "undoing the namespace set-up: {e}");
             }
         });
+        self.leaving.insert(ip, (cancel, task));
     }
 
     /// On shutdown: stops accepting, lets open tunnels finish for up to `grace`.

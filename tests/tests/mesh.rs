@@ -53,13 +53,19 @@ fn enrolled(pod: &Pod, app: &str, mode: &str) -> WorkloadYaml {
         .label(MTLS, mode)
 }
 
-/// Waits until `agent` serves `n` local workloads in the mesh (its certificates).
+/// Waits until `agent` serves `n` local workloads in the mesh: listening in their
+/// namespaces, with their certificates (and, by then, the kernel's maps written).
 fn wait_serving(agent: &Agent<'_>, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        let (_, status) = agent.get("/debug/status");
+        let served = serde_json::from_str::<serde_json::Value>(&status)
+            .ok()
+            .and_then(|v| v["mesh_workloads"].as_u64())
+            .unwrap_or(0);
         let body = certificates(agent);
         let count = body.as_array().map_or(0, Vec::len);
-        if count >= n {
+        if count >= n && served as usize >= n {
             return;
         }
         assert!(
