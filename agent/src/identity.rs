@@ -22,6 +22,8 @@ use std::{io, path::PathBuf};
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW, Ca, Svid, TrustBundle};
 pub use manager::{CertInfo, CertManager, DEFAULT_SVID_LIFETIME};
 pub use spiffe::SpiffeId;
+#[cfg(test)]
+pub(crate) use verify::SpiffeServerVerifier;
 pub use verify::peer_identity;
 
 /// What can go wrong with identities, certificates and their files.

@@ -17,14 +17,10 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use rustls::{
-    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
-    client::{
-        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-        verify_server_cert_signed_by_trust_anchor,
-    },
+    ClientConfig, RootCertStore, ServerConfig,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
-    server::{ParsedCertificate, WebPkiClientVerifier},
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+    server::WebPkiClientVerifier,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, DuplexStream},
@@ -33,11 +29,14 @@ use tokio::{
 };
 
 use super::*;
+use crate::identity::{SpiffeId, SpiffeServerVerifier};
 
 const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 const DENIED_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
 const RELAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
+/// The trust domain of every test identity.
+const TRUST_DOMAIN: &str = "cluster.local";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/client/sa/app";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/server/sa/echo";
 const DENIED_ID: &str = "spiffe://cluster.local/ns/evil/sa/mallory";
@@ -107,94 +106,19 @@ impl Ca {
     }
 }
 
-/// The SPIFFE URI SAN of a certificate.
-fn spiffe_of(der: &CertificateDer<'_>) -> Result<String, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| e.to_string())?
-        .ok_or("certificate has no subject alternative name")?;
-    san.value
-        .general_names
-        .iter()
-        .find_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
-                Some(u.to_string())
-            }
-            _ => None,
-        })
-        .ok_or_else(|| "certificate has no SPIFFE URI".to_string())
-}
-
-/// Checks the server's chain against the CA and, when given, its SPIFFE identity.
-#[derive(Debug)]
-struct SpiffeServerVerifier {
+/// The identity module's own server verifier: chain to the test CA, SPIFFE ID of the
+/// trust domain, and the expected one when given.
+fn server_verifier(
     roots: Arc<RootCertStore>,
-    expected: Option<String>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        if let Some(expected) = &self.expected {
-            let id = spiffe_of(end_entity).map_err(rustls::Error::General)?;
-            if &id != expected {
-                return Err(rustls::Error::General(format!(
-                    "server is {id}, expected {expected}"
-                )));
-            }
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    expected: Option<&str>,
+) -> Option<Arc<SpiffeServerVerifier>> {
+    let expected = expected.map(SpiffeId::parse).transpose().ok()?;
+    Some(Arc::new(SpiffeServerVerifier::new(
+        roots,
+        &provider(),
+        TRUST_DOMAIN,
+        expected,
+    )))
 }
 
 fn client_config(roots: Arc<RootCertStore>, leaf: Option<&Leaf>) -> Arc<ClientConfig> {
@@ -202,11 +126,7 @@ fn client_config(roots: Arc<RootCertStore>, leaf: Option<&Leaf>) -> Arc<ClientCo
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
-            roots,
-            expected: None,
-            provider: provider(),
-        }));
+        .with_custom_certificate_verifier(server_verifier(roots, None).expect("verifier"));
     let mut config = match leaf {
         Some(l) => builder
             .with_client_auth_cert(l.chain.clone(), l.key.clone_key())
@@ -244,18 +164,16 @@ impl Tls for TestTls {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3")
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
-                roots: self.roots.clone(),
-                expected: expected.map(str::to_string),
-                provider: provider(),
-            }))
+            .with_custom_certificate_verifier(server_verifier(self.roots.clone(), expected)?)
             .with_client_auth_cert(leaf.chain.clone(), leaf.key.clone_key())
             .expect("client certificate");
         Some(Arc::new(config))
     }
 
     fn peer_identity(&self, certs: &[CertificateDer<'_>]) -> Result<String, String> {
-        spiffe_of(certs.first().ok_or("empty certificate chain")?)
+        crate::identity::peer_identity(certs)
+            .map(|id| id.to_string())
+            .map_err(|e| e.to_string())
     }
 
     fn workload_identity(&self, ip: IpAddr) -> Option<String> {
