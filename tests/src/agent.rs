@@ -376,9 +376,12 @@ impl Drop for Agent<'_> {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct ServiceInfo {
-    /// The service's namespace.
+    /// The service's namespace; empty for a frontend whose owner the agent has not
+    /// published yet (the table of owners follows the maps by a moment).
+    #[serde(deserialize_with = "null_as_empty")]
     pub namespace: String,
-    /// The service's name.
+    /// The service's name; empty as `namespace` is.
+    #[serde(deserialize_with = "null_as_empty")]
     pub name: String,
     /// The port's name.
     pub port_name: Option<String>,
@@ -539,6 +542,11 @@ fn parse_labels(mut s: &str) -> Option<(BTreeMap<String, String>, &str)> {
         labels.insert(key.trim().to_owned(), value);
         s = &rest[1 + end + 1..];
     }
+}
+
+/// A string that may be `null`, as the empty string.
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 #[cfg(test)]
