@@ -143,14 +143,16 @@ impl Mesh {
             connector.clone(),
             metrics.clone(),
         ));
-        let inbound = Arc::new(InboundContext {
-            cfg: cfg.proxy,
+        let mut inbound = InboundContext::new(
+            cfg.proxy,
             tls,
-            authz: Arc::new(MeshAuthz(view.clone())),
-            local: Arc::new(MeshLocal(view.clone())),
+            Arc::new(MeshAuthz(view.clone())),
+            Arc::new(MeshLocal(view.clone())),
             connector,
-            metrics: metrics.clone(),
-        });
+            metrics.clone(),
+        );
+        inbound.proxy_ports = vec![MESH_OUTBOUND_PORT, MESH_HBONE_PORT];
+        let inbound = Arc::new(inbound);
         let renewal = certs.spawn_renewal();
         Mesh {
             certs,
@@ -245,6 +247,11 @@ impl Mesh {
             policies: state.policies().cloned().collect(),
         });
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = view.clone();
+        // Open tunnels were authorized by the previous view: judge them by this one.
+        let closed = self.inbound.rejudge();
+        if closed > 0 {
+            info!(closed, "closed open tunnels that policy no longer allows");
+        }
         self.modes = modes;
         self.reconcile_pods(&view).await;
         for pod in self.pods.values() {
@@ -599,6 +606,14 @@ struct MeshLocal(SharedView);
 impl LocalWorkloads for MeshLocal {
     fn is_local(&self, ip: IpAddr) -> bool {
         read(&self.0).local.contains_key(&ip)
+    }
+
+    fn same_workload(&self, a: IpAddr, b: IpAddr) -> bool {
+        let view = read(&self.0);
+        match (view.local.get(&a), view.local.get(&b)) {
+            (Some(x), Some(y)) => x.meta.id == y.meta.id,
+            _ => false,
+        }
     }
 }
 

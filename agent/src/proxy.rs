@@ -33,18 +33,22 @@ mod copy;
 mod drain;
 mod h2stream;
 mod inbound;
+mod limit;
 mod metrics;
 mod outbound;
 #[cfg(test)]
 mod tests;
+mod tunnels;
 
 pub use authority::{AuthorityError, HeadError, connect_target, parse_authority};
 pub use copy::CopyStats;
 pub use drain::DrainOutcome;
 pub use inbound::{Inbound, InboundContext};
+pub use limit::HandshakeLimiter;
 pub(crate) use metrics::OUTBOUND;
 pub use metrics::ProxyMetrics;
 pub use outbound::{Outbound, OutboundRequest};
+pub use tunnels::Tunnels;
 
 /// The ALPN protocol both ends of an HBONE connection must agree on.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -53,10 +57,17 @@ pub const HBONE_PORT: u16 = 15008;
 
 /// Default for [`Config::connect_timeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default for [`Config::handshake_timeout`].
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for [`Config::handshake_timeout`]: a TLS 1.3 handshake is one round trip.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for [`Config::first_byte_timeout`]: every TLS client sends its ClientHello as
+/// soon as TCP is connected.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default for [`Config::max_handshakes`].
 pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// Default for [`Config::max_handshakes_per_source`]: far more than one client opens at
+/// once (the pool opens a few connections per destination), far less than
+/// [`DEFAULT_MAX_HANDSHAKES`].
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 /// Default for [`Config::max_streams_per_connection`].
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
 /// Default for [`Config::max_connections_per_destination`]: a few, so that parallel
@@ -141,6 +152,9 @@ pub fn socket_for(addr: SocketAddr) -> std::io::Result<TcpSocket> {
 pub trait LocalWorkloads: Send + Sync + 'static {
     /// Whether `ip` is the address of a workload running on this node.
     fn is_local(&self, ip: IpAddr) -> bool;
+    /// Whether `a` and `b` are addresses of the same local workload: a tunnel that
+    /// reached one workload's listener (and certificate) may only end at that workload.
+    fn same_workload(&self, a: IpAddr, b: IpAddr) -> bool;
 }
 
 /// HTTP/2 flow-control window of one tunnel. h2's default (64 KiB, the protocol's) lets
@@ -172,9 +186,16 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Time allowed for the TLS and HTTP/2 handshakes of one connection.
     pub handshake_timeout: Duration,
+    /// Time an inbound connection may stay silent before its first byte (the TLS
+    /// ClientHello); silent connections are closed after it.
+    pub first_byte_timeout: Duration,
     /// Inbound connections whose handshakes run at once; more wait in the listen queue,
     /// so clients that never finish a handshake cannot exhaust memory.
     pub max_handshakes: usize,
+    /// Inbound handshakes one source address may have in progress at once, over all
+    /// local workloads; its connections beyond are closed at once, so one client cannot
+    /// hold the slots of [`Config::max_handshakes`] that everybody else needs.
+    pub max_handshakes_per_source: usize,
     /// Concurrent CONNECT streams per HTTP/2 connection, announced to clients.
     pub max_streams_per_connection: u32,
     /// A pooled outbound connection without tunnels closes after this long.
@@ -192,7 +213,9 @@ impl Default for Config {
         Self {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             max_connections_per_destination: DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,

@@ -339,7 +339,8 @@ pub struct Applied {
     pub error_count: usize,
     /// True when a workload was added, changed or removed.
     pub workloads_changed: bool,
-    /// True when a workload or a namespace changed, so enrollment in the mesh may have.
+    /// True when a workload, a namespace or an AuthorizationPolicy changed, so enrollment
+    /// in the mesh, or what the proxy allows, may have.
     pub mesh_changed: bool,
     /// True when [`State::policy`] changed (identities, ipcache, endpoints or policy names).
     pub policy_changed: bool,
@@ -438,7 +439,10 @@ impl State {
 
         let mut applied = Applied {
             workloads_changed: touched.workloads,
-            mesh_changed: touched.workloads || touched.namespaces,
+            // The proxy authorizes tunnels by the policies themselves, not by the kernel's
+            // compiled entries: a change that leaves those equal (one naming only
+            // principals of enrolled peers, or HTTP fields) still matters to it.
+            mesh_changed: touched.workloads || touched.namespaces || touched.policies,
             warnings: mem::take(&mut touched.warnings),
             ..Applied::default()
         };

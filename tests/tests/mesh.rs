@@ -460,3 +460,95 @@ fn a_restarted_agent_serves_its_workloads_again() {
         );
     }
 }
+
+/// An AuthorizationPolicy edit alone (no workload changes) reaches the proxy: the DENY
+/// refuses new tunnels at once and closes the tunnel that was already open.
+#[test]
+fn a_policy_change_alone_reaches_new_and_open_tunnels() {
+    require_root!();
+    let two = TwoNodes::new();
+    let client = two.node1.pod("client");
+    let server = two.node2.pod("server");
+    let _server = server.tcp_server(PORT);
+    two.write_workloads(
+        "workloads.yaml",
+        &[
+            (&client, enrolled(&client, "client", "STRICT")),
+            (&server, enrolled(&server, "server", "STRICT")),
+        ],
+    );
+    let (a1, a2) = two.start_agents(AgentOptions::default());
+    wait_serving(&a1, 1);
+    wait_serving(&a2, 1);
+    let dst = SocketAddr::new(IpAddr::V4(server.ipv4), PORT);
+    let (hold, _) = client.tcp_hold(dst);
+    assert!(
+        hold.wait_for_lines(3, Duration::from_secs(5)) >= 3,
+        "the open connection is answered: {:?}",
+        hold.stdout_lines()
+    );
+
+    let deny = r#"
+apiVersion: mycel.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-client, namespace: default}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/default/sa/client"]}
+"#;
+    let written = mycel_tests::testpod::now_us();
+    two.node2.resources().write("deny.yaml", &[deny.to_owned()]);
+
+    // New tunnels are refused: the client's connection to its proxy closes unanswered.
+    let refused_after = loop {
+        let report = client.tcp_client_with(dst, 1, &["--timeout-ms", "300"]);
+        if report.results.iter().all(|r| r.answer.is_none()) {
+            break mycel_tests::testpod::now_us() - written;
+        }
+        assert!(
+            mycel_tests::testpod::now_us() - written < 5_000_000,
+            "new tunnels still allowed 5 s after the DENY: {}\n{}",
+            report.summary(),
+            a2.log_tail(30)
+        );
+    };
+    assert!(
+        refused_after < 1_000_000,
+        "new tunnels refused after {refused_after} µs"
+    );
+
+    // The open one was closed within a second of the change.
+    let ended = hold
+        .wait_for_line(Duration::from_secs(5), |l| {
+            l.contains("\"event\":\"error\"")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the open tunnel outlived the DENY: {:?}\n{}",
+                hold.stdout_lines(),
+                a2.log_tail(30)
+            )
+        });
+    let event: mycel_tests::testpod::HoldEvent = serde_json::from_str(&ended).expect("hold event");
+    let closed_after = event.at_us.saturating_sub(written);
+    assert!(
+        closed_after < 1_000_000,
+        "the open tunnel was closed {closed_after} µs after the DENY was written"
+    );
+    let revoked = a2
+        .metric_value(
+            "mycel_proxy_connections_failed_total",
+            &[("direction", "inbound"), ("reason", "revoked")],
+        )
+        .unwrap_or(0.0);
+    assert!(revoked >= 1.0, "closing is counted: {}", a2.metrics());
+    assert!(
+        a2.log().contains("open tunnel closed"),
+        "{}",
+        a2.log_tail(20)
+    );
+    drop(a1);
+}

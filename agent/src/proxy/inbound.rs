@@ -1,10 +1,14 @@
 //! The HBONE server: terminates tunnels addressed to local workloads.
 //!
-//! Per connection: TLS with the certificate of the workload whose address the connection
-//! arrived on, the peer's identity from its verified certificate (never from its address),
-//! then an HTTP/2 server. Per CONNECT stream: the authority must name a local workload,
-//! the [`Authorizer`] must allow the peer, the workload must accept a TCP connection; then
-//! `200` and bytes both ways. Every refusal is logged once and counted.
+//! Per connection: a bounded wait for the first byte and a handshake slot of the source
+//! address ([`HandshakeLimiter`]), TLS with the certificate of the workload whose address
+//! the connection arrived on, the peer's identity from its verified certificate (never from
+//! its address), then an HTTP/2 server. Per CONNECT stream: the authority must name the
+//! workload whose certificate answered (not another workload of the node, not the proxy's
+//! own ports), the [`Authorizer`] must allow the peer, the workload must accept a TCP
+//! connection; then `200` and bytes both ways. The tunnel stays registered in [`Tunnels`]
+//! while open, and is closed when a change of policy refuses it
+//! ([`InboundContext::rejudge`]). Every refusal is logged and counted.
 
 use std::{
     net::SocketAddr,
@@ -24,7 +28,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
-    ALPN_H2, Authorizer, Config, Connector, LocalWorkloads, PeerName, ProxyMetrics, Tls,
+    ALPN_H2, Authorizer, Config, Connector, HandshakeLimiter, LocalWorkloads, PeerName,
+    ProxyMetrics, Tls, Tunnels,
     authority::connect_target,
     copy::copy_bidirectional,
     drain::{Drain, DrainOutcome, Watch},
@@ -32,7 +37,6 @@ use super::{
     metrics::{INBOUND, TcpLabels},
 };
 
-/// What an inbound connection needs, shared by all of them.
 /// What every inbound connection needs; one is shared by the servers of all local
 /// workloads.
 pub struct InboundContext {
@@ -42,6 +46,59 @@ pub struct InboundContext {
     pub local: Arc<dyn LocalWorkloads>,
     pub connector: Arc<dyn Connector>,
     pub metrics: Arc<ProxyMetrics>,
+    /// Handshakes in progress per source address, over every local workload's listener.
+    pub limiter: Arc<HandshakeLimiter>,
+    /// The open tunnels, judged again on every change of policy.
+    pub tunnels: Tunnels,
+    /// Ports of the proxy's own listeners in the workloads' namespaces, which no tunnel
+    /// may target (the port a tunnel arrived on is refused in any case).
+    pub proxy_ports: Vec<u16>,
+}
+
+impl InboundContext {
+    /// A context whose handshake bounds come from `cfg`.
+    pub fn new(
+        cfg: Config,
+        tls: Arc<dyn Tls>,
+        authz: Arc<dyn Authorizer>,
+        local: Arc<dyn LocalWorkloads>,
+        connector: Arc<dyn Connector>,
+        metrics: Arc<ProxyMetrics>,
+    ) -> Self {
+        Self {
+            limiter: HandshakeLimiter::new(cfg.max_handshakes_per_source),
+            cfg,
+            tls,
+            authz,
+            local,
+            connector,
+            metrics,
+            tunnels: Tunnels::default(),
+            proxy_ports: Vec::new(),
+        }
+    }
+
+    /// Judges every open tunnel again, as a new one would be judged now, and closes those
+    /// refused (a new DENY, an ALLOW removed, the destination gone). Call it after every
+    /// change of what the [`Authorizer`] and [`LocalWorkloads`] answer; returns how many
+    /// tunnels it closed.
+    pub fn rejudge(&self) -> usize {
+        let revoked = self.tunnels.rejudge(|peer, peer_ip, dst| {
+            if !self.local.is_local(dst.ip()) {
+                return Err(format!("{} is no longer a workload on this node", dst.ip()));
+            }
+            self.authz.allow(peer, peer_ip, dst)
+        });
+        for r in &revoked {
+            let name = PeerName {
+                addr: SocketAddr::new(r.peer_ip, 0),
+                identity: Some(&r.peer),
+            };
+            info!(peer = %name, dst = %r.dst, reason = %r.reason, "open tunnel closed: no longer allowed");
+            self.metrics.failed(INBOUND, "revoked");
+        }
+        revoked.len()
+    }
 }
 
 type Shared = InboundContext;
@@ -91,8 +148,10 @@ impl Inbound {
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, watch: Watch) {
-    // Handshakes are the expensive, unauthenticated part: bound them. Connections beyond
-    // the bound wait in the kernel's listen queue until a handshake finishes or times out.
+    // Handshakes are the expensive, unauthenticated part: bound them, node-wide per source
+    // address and per listener. Connections beyond the listener's bound wait in the
+    // kernel's listen queue until a handshake finishes or times out; a source beyond its
+    // own bound is closed at once, so it cannot fill that queue's slots for others.
     let handshakes = Arc::new(Semaphore::new(shared.cfg.max_handshakes.max(1)));
     loop {
         let permit = tokio::select! {
@@ -116,6 +175,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, watch: Watch) {
                 continue;
             }
         };
+        let Some(slot) = shared.limiter.try_acquire(peer.ip()) else {
+            // Logged at debug only: a flood would otherwise flood the log too.
+            debug!(%peer, "inbound HBONE connection refused: too many handshakes from this address");
+            shared.metrics.failed(INBOUND, "handshake_limit");
+            continue;
+        };
         // Small frames (WINDOW_UPDATE, short writes) must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
@@ -126,6 +191,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, watch: Watch) {
                 c = conn => c,
                 () = watch.closed() => return,
             };
+            drop(slot);
             drop(permit);
             if let Some((tls, identity)) = conn {
                 serve_connection(shared, tls, peer, identity, watch).await;
@@ -164,6 +230,17 @@ async fn handshake(
     };
     let config = with_alpn(config);
     let start = Instant::now();
+    // A connection that says nothing holds a handshake slot: not for long.
+    // (`peek` waits for data; readiness alone may be reported early.)
+    let mut first = [0u8; 1];
+    if tokio::time::timeout(shared.cfg.first_byte_timeout, stream.peek(&mut first))
+        .await
+        .is_err()
+    {
+        m.handshake(INBOUND, "timeout");
+        refuse("first_byte_timeout", &"no TLS ClientHello in time");
+        return None;
+    }
     let accepted = tokio::time::timeout(
         shared.cfg.handshake_timeout,
         TlsAcceptor::from(config).accept(stream),
@@ -247,7 +324,11 @@ async fn serve_connection(
     identity: String,
     watch: Watch,
 ) {
-    let local_ip = tls.get_ref().0.local_addr().map(|a| a.ip()).ok();
+    // The address the connection reached: the workload whose certificate answered.
+    let Ok(local) = tls.get_ref().0.local_addr() else {
+        shared.metrics.failed(INBOUND, "socket");
+        return;
+    };
     let mut builder = h2::server::Builder::new();
     builder.max_concurrent_streams(shared.cfg.max_streams_per_connection);
     super::tune_h2_server(&mut builder);
@@ -270,9 +351,7 @@ async fn serve_connection(
         }
     };
     let identity: Arc<str> = identity.into();
-    let dst_identity: Option<Arc<str>> = local_ip
-        .and_then(|ip| shared.tls.workload_identity(ip))
-        .map(Into::into);
+    let dst_identity: Option<Arc<str>> = shared.tls.workload_identity(local.ip()).map(Into::into);
     let mut goaway_sent = false;
     loop {
         let next = tokio::select! {
@@ -307,6 +386,7 @@ async fn serve_connection(
                     let stream = Stream {
                         shared: &shared,
                         peer,
+                        local,
                         identity: &identity,
                         dst_identity: dst_identity.as_deref(),
                         watch: &watch,
@@ -333,7 +413,9 @@ async fn serve_connection(
 struct Stream<'a> {
     shared: &'a Shared,
     peer: SocketAddr,
-    identity: &'a str,
+    /// Where the connection arrived: the workload's address and the HBONE port.
+    local: SocketAddr,
+    identity: &'a Arc<str>,
     dst_identity: Option<&'a str>,
     watch: &'a Watch,
 }
@@ -348,7 +430,7 @@ impl Stream<'_> {
     ) {
         let name = PeerName {
             addr: self.peer,
-            identity: Some(self.identity),
+            identity: Some(self.identity.as_ref()),
         };
         info!(peer = %name, status = status.as_u16(), reason, %detail, "inbound tunnel refused");
         self.shared.metrics.failed(INBOUND, reason);
@@ -373,6 +455,27 @@ impl Stream<'_> {
             let detail = format!("{dst} is not a workload on this node");
             return self.refuse(&mut respond, StatusCode::BAD_REQUEST, "not_local", &detail);
         }
+        // The certificate that answered is the one of the workload at the address the
+        // connection reached: the tunnel may only end there, or a peer that may reach
+        // one workload could reach every other one of the node through it.
+        if !self.shared.local.same_workload(self.local.ip(), dst.ip()) {
+            let detail = format!("{dst} is not the workload reached at {}", self.local);
+            return self.refuse(
+                &mut respond,
+                StatusCode::BAD_REQUEST,
+                "wrong_workload",
+                &detail,
+            );
+        }
+        if dst.port() == self.local.port() || self.shared.proxy_ports.contains(&dst.port()) {
+            let detail = format!("{dst} is a port of the proxy itself");
+            return self.refuse(&mut respond, StatusCode::BAD_REQUEST, "proxy_port", &detail);
+        }
+        // Registered before it is authorized: a policy change from now on judges it again.
+        let registration = self
+            .shared
+            .tunnels
+            .register(self.identity.clone(), self.peer.ip(), dst);
         if let Err(why) = self.shared.authz.allow(self.identity, self.peer.ip(), dst) {
             let detail = format!("to {dst}: {why}");
             return self.refuse(&mut respond, StatusCode::FORBIDDEN, "denied", &detail);
@@ -416,7 +519,7 @@ impl Stream<'_> {
         let labels = TcpLabels::tunnel(
             m.directory(),
             "destination",
-            (self.peer.ip(), Some(self.identity)),
+            (self.peer.ip(), Some(self.identity.as_ref())),
             (dst.ip(), self.dst_identity),
         );
         m.opened.get_or_create(&labels).inc();
@@ -426,7 +529,12 @@ impl Stream<'_> {
             tunnel,
             upstream,
             self.shared.cfg.tunnel_idle_timeout,
-            self.watch.closed(),
+            async {
+                tokio::select! {
+                    () = self.watch.closed() => {}
+                    () = registration.revoked() => {}
+                }
+            },
             |n| {
                 sent.inc_by(n);
             },
@@ -439,7 +547,7 @@ impl Stream<'_> {
         if let Err(e) = result {
             let name = PeerName {
                 addr: self.peer,
-                identity: Some(self.identity),
+                identity: Some(self.identity.as_ref()),
             };
             debug!(peer = %name, %dst, error = %e, "inbound tunnel ended with an error");
         }

@@ -1,7 +1,8 @@
 //! Whole tunnels over loopback: a client stream → [`Outbound`] → [`Inbound`] → an echo
 //! server, with a test CA issuing SPIFFE certificates. Loopback addresses stand in for
 //! workloads: 127.0.0.2 is the client pod, 127.0.0.3 the server pod (the inbound listener
-//! and the echo server both listen there), 127.0.0.4 a client the policy denies.
+//! and the echo server both listen there), 127.0.0.4 a client the policy denies, 127.0.0.6
+//! another workload of the server's node, 127.0.0.7 an attacker's address.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -35,6 +36,8 @@ const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 const DENIED_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
 const RELAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
+const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+const ATTACKER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 7));
 /// The trust domain of every test identity.
 const TRUST_DOMAIN: &str = "cluster.local";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/client/sa/app";
@@ -181,29 +184,42 @@ impl Tls for TestTls {
     }
 }
 
-struct DenyOne(&'static str);
+/// Denies the identities it lists; the list changes as a policy would.
+#[derive(Default)]
+struct Denied(Mutex<HashSet<String>>);
 
-impl Authorizer for DenyOne {
+impl Denied {
+    fn deny(&self, id: &str) {
+        self.0.lock().expect("lock").insert(id.to_owned());
+    }
+}
+
+impl Authorizer for Denied {
     fn allow(&self, peer: &str, _peer_ip: IpAddr, _dst: SocketAddr) -> Result<(), String> {
-        if peer == self.0 {
+        if self.0.lock().expect("lock").contains(peer) {
             return Err(format!("{peer} is denied by policy"));
         }
         Ok(())
     }
 }
 
-struct Local(HashSet<IpAddr>);
+/// Local workloads: their addresses and a name per workload.
+struct Local(HashMap<IpAddr, &'static str>);
 
 impl LocalWorkloads for Local {
     fn is_local(&self, ip: IpAddr) -> bool {
-        self.0.contains(&ip)
+        self.0.contains_key(&ip)
+    }
+
+    fn same_workload(&self, a: IpAddr, b: IpAddr) -> bool {
+        matches!((self.0.get(&a), self.0.get(&b)), (Some(x), Some(y)) if x == y)
     }
 }
 
 /// Echoes every byte, then after the client's EOF sends `BYE` and closes: the answer
 /// after the half-close proves the other direction stayed open.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind((SERVER_IP, 0)).await.expect("bind echo");
+async fn echo_server(ip: IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind echo");
     let addr = listener.local_addr().expect("echo address");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -271,6 +287,8 @@ struct Env {
     registry: Registry,
     metrics: Arc<ProxyMetrics>,
     inbound: Inbound,
+    context: Arc<InboundContext>,
+    authz: Arc<Denied>,
     outbound: Arc<Outbound>,
     echo: SocketAddr,
     client_leaf: Leaf,
@@ -307,15 +325,20 @@ async fn env_with(inbound_cfg: Config, outbound_cfg: Config) -> Env {
     let listener = TcpListener::bind((SERVER_IP, 0))
         .await
         .expect("bind inbound");
-    let context = Arc::new(InboundContext {
-        cfg: inbound_cfg,
-        tls: tls.clone(),
-        authz: Arc::new(DenyOne(DENIED_ID)),
-        local: Arc::new(Local(HashSet::from([SERVER_IP]))),
-        connector: Arc::new(HostConnector),
-        metrics: metrics.clone(),
-    });
-    let inbound = Inbound::spawn(listener, context).expect("inbound");
+    let authz = Arc::new(Denied::default());
+    authz.deny(DENIED_ID);
+    let context = Arc::new(InboundContext::new(
+        inbound_cfg,
+        tls.clone(),
+        authz.clone(),
+        Arc::new(Local(HashMap::from([
+            (SERVER_IP, "server"),
+            (OTHER_IP, "other"),
+        ]))),
+        Arc::new(HostConnector),
+        metrics.clone(),
+    ));
+    let inbound = Inbound::spawn(listener, context.clone()).expect("inbound");
     let outbound = Arc::new(Outbound::new(outbound_cfg, tls, metrics.clone()));
     let client_leaf = ca.leaf(CLIENT_ID, false);
     Env {
@@ -323,8 +346,10 @@ async fn env_with(inbound_cfg: Config, outbound_cfg: Config) -> Env {
         registry,
         metrics,
         inbound,
+        context,
+        authz,
         outbound,
-        echo: echo_server().await,
+        echo: echo_server(SERVER_IP).await,
         client_leaf,
     }
 }
@@ -670,35 +695,180 @@ async fn bad_inputs_are_refused_without_harming_a_good_tunnel() {
     finish(good, good_task).await;
 }
 
-#[tokio::test]
-async fn half_open_connections_do_not_starve_good_ones() {
-    let cfg = Config {
-        max_handshakes: 64,
-        handshake_timeout: Duration::from_millis(300),
-        ..Config::default()
-    };
-    // The client side keeps the default handshake timeout: it waits its turn in the
-    // server's listen queue behind the silent connections.
-    let env = env_with(cfg, Config::default()).await;
-    let mut idle = Vec::new();
-    for _ in 0..300 {
-        idle.push(
-            TcpStream::connect(env.inbound.local_addr())
-                .await
-                .expect("connect half-open"),
-        );
-    }
-    let (mut good, task) = env.open(env.request(CLIENT_IP));
-    tokio::time::timeout(Duration::from_secs(20), roundtrip(&mut good, b"through"))
+/// Time from TCP connect to the `200` of a CONNECT over a new HBONE connection.
+async fn new_tunnel_time(env: &Env, config: Arc<ClientConfig>) -> Duration {
+    let started = std::time::Instant::now();
+    let status = env
+        .raw_request(config, connect_request(&env.echo.to_string()))
         .await
-        .expect("good tunnel within 20 s despite 300 silent connections");
-    finish(good, task).await;
+        .expect("a new tunnel");
+    assert_eq!(status, StatusCode::OK);
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_slowloris_from_one_source_does_not_delay_other_clients() {
+    // Default settings: the defaults must hold up.
+    let env = env(Config::default()).await;
+    let good = client_config(env.ca.roots(), Some(&env.client_leaf));
+    let baseline = new_tunnel_time(&env, good.clone()).await;
+
+    // 1,000 connections from one address that never send a byte, and more all the time
+    // while the good client measures (at most 3,000, for at most 20 s).
+    let target = env.inbound.local_addr();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = stop.clone();
+    let attacker = tokio::spawn(async move {
+        let mut idle = Vec::new();
+        let open_one = || async {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(SocketAddr::new(ATTACKER_IP, 0))
+                .expect("bind attacker");
+            socket.connect(target).await
+        };
+        for _ in 0..1000 {
+            if let Ok(s) = open_one().await {
+                idle.push(s);
+            }
+        }
+        let ready = idle.len();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut more = std::pin::pin!(stopped.notified());
+        while idle.len() < 3000 && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                () = &mut more => break,
+                s = open_one() => if let Ok(s) = s { idle.push(s) },
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        (ready, idle)
+    });
+    // Let the first wave land.
+    for _ in 0..500 {
+        if env
+            .metrics
+            .failures_with(metrics::INBOUND, "handshake_limit")
+            >= 900
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut times = Vec::new();
+    for _ in 0..40 {
+        times.push(new_tunnel_time(&env, good.clone()).await);
+    }
+    stop.notify_one();
+    let (ready, idle) = attacker.await.expect("attacker task");
+    times.sort();
+    let p99 = times[times.len() * 99 / 100];
     assert!(
-        env.metrics.handshakes_with(metrics::INBOUND, "timeout") >= 200,
-        "silent connections were not timed out: {}",
-        env.metrics.handshakes_with(metrics::INBOUND, "timeout")
+        ready >= 990,
+        "the attacker opened {ready} of 1000 connections"
+    );
+    assert!(
+        p99 < Duration::from_millis(50),
+        "new tunnel p99 {p99:?} under a slowloris (alone: {baseline:?}; all: {times:?})"
+    );
+    let limited = env
+        .metrics
+        .failures_with(metrics::INBOUND, "handshake_limit");
+    assert!(
+        limited >= 900,
+        "connections beyond the per-source bound closed: {limited}"
     );
     drop(idle);
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed_after_the_first_byte_timeout() {
+    let cfg = Config {
+        first_byte_timeout: Duration::from_millis(200),
+        ..Config::default()
+    };
+    let env = env(cfg).await;
+    let mut silent = TcpStream::connect(env.inbound.local_addr())
+        .await
+        .expect("connect");
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut sink))
+        .await
+        .expect("the server closes a silent connection")
+        .expect("read");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    env.wait_failures(metrics::INBOUND, "first_byte_timeout", 1)
+        .await;
+}
+
+#[tokio::test]
+async fn tunnels_end_only_at_the_workload_whose_certificate_answered() {
+    let env = env(Config::default()).await;
+    let other_echo = echo_server(OTHER_IP).await;
+    let good = client_config(env.ca.roots(), Some(&env.client_leaf));
+    let cases = [
+        // Another enrolled workload of the same node, through the server's listener.
+        (other_echo.to_string(), "wrong_workload"),
+        // The proxy's own listener, in the workload's namespace.
+        (env.inbound.local_addr().to_string(), "proxy_port"),
+        // The node's loopback.
+        (format!("127.0.0.1:{}", env.echo.port()), "not_local"),
+    ];
+    for (authority, reason) in cases {
+        let got = env
+            .raw_request(good.clone(), connect_request(&authority))
+            .await;
+        assert_eq!(got, Ok(StatusCode::BAD_REQUEST), "CONNECT {authority}");
+        env.wait_failures(metrics::INBOUND, reason, 1).await;
+    }
+    // The workload that answered is still reachable.
+    let got = env
+        .raw_request(good, connect_request(&env.echo.to_string()))
+        .await;
+    assert_eq!(got, Ok(StatusCode::OK));
+}
+
+#[tokio::test]
+async fn a_policy_change_closes_the_open_tunnels_it_no_longer_allows() {
+    let env = env(Config::default()).await;
+    let (mut a, task) = env.open(env.request(CLIENT_IP));
+    roundtrip(&mut a, b"allowed").await;
+    assert_eq!(env.context.rejudge(), 0, "nothing changed: nothing closed");
+    roundtrip(&mut a, b"still allowed").await;
+    assert_eq!(env.context.tunnels.len(), 1);
+
+    env.authz.deny(CLIENT_ID);
+    let started = std::time::Instant::now();
+    assert_eq!(env.context.rejudge(), 1);
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), a.read_to_end(&mut rest))
+        .await
+        .expect("the denied tunnel ends within 1 s");
+    let _ = tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .expect("its outbound side ends too");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    env.wait_failures(metrics::INBOUND, "revoked", 1).await;
+    for _ in 0..50 {
+        if env.context.tunnels.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        env.context.tunnels.is_empty(),
+        "the closed tunnel unregistered"
+    );
+
+    // New tunnels of that peer are refused as well.
+    let (_b, task_b) = env.open(env.request(CLIENT_IP));
+    let err = task_b.await.expect("proxy task").expect_err("denied peer");
+    assert!(matches!(err, Error::Refused { status: 403, .. }), "{err}");
 }
 
 #[tokio::test]
