@@ -130,7 +130,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let (_source, mut events) = match &cfg.source {
         SourceConfig::File(dir) => {
-            let (source, events) = FileSource::start(dir.clone())
+            let saved = cfg.state_dir.join("last-good").join("files");
+            let (source, events) = FileSource::start(dir.clone(), Some(saved))
                 .with_context(|| format!("starting the file source on {}", dir.display()))?;
             (RunningSource::File(source), events)
         }

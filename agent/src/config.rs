@@ -29,6 +29,8 @@ pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
 pub const EXIT_USAGE: i32 = 64;
 /// Where the standalone agent keeps the CA it creates on first start.
 pub const DEFAULT_CA_DIR: &str = "/var/lib/mycel/ca";
+/// Where the agent keeps what must outlive it (the last good version of its inputs).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/mycel/state";
 /// How long the proxy lets open connections finish on SIGTERM, as Istio's default
 /// termination drain duration.
 pub const DEFAULT_DRAIN_GRACE: &str = "5s";
@@ -97,6 +99,10 @@ pub struct Config {
     /// it must exist (the manifests mount it from the Secret `mycel-ca`), since every node
     /// must share one CA.
     pub ca_dir: PathBuf,
+    /// `--state-dir` / `MYCEL_STATE_DIR`: what must survive restarts, such as the last
+    /// accepted version of each resource file, so that a file broken while the agent was
+    /// down does not take its policies out of force at the next start.
+    pub state_dir: PathBuf,
     /// `--cert-lifetime` / `MYCEL_CERT_LIFETIME`: lifetime of workload certificates; they
     /// are renewed at half of it.
     pub cert_lifetime: std::time::Duration,
@@ -185,6 +191,9 @@ pub struct Args {
     /// on first start standalone, mounted from the Secret mycel-ca in Kubernetes.
     #[arg(long, env = "MYCEL_CA_DIR")]
     pub ca_dir: Option<String>,
+    /// Directory for what must survive restarts (the last good version of each input).
+    #[arg(long, env = "MYCEL_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: String,
     /// Lifetime of workload certificates (renewed at half of it), e.g. 24h, 90m.
     #[arg(long, env = "MYCEL_CERT_LIFETIME", default_value = "24h")]
     pub cert_lifetime: String,
@@ -281,6 +290,7 @@ impl Config {
             },
             flows: flow_config(args)?,
             ca_dir: parse_ca_dir(args.ca_dir.as_deref(), &args.source)?,
+            state_dir: absolute("--state-dir", &args.state_dir)?,
             cert_lifetime: duration("--cert-lifetime", &args.cert_lifetime, 2)?,
             drain_grace: duration("--drain-grace", &args.drain_grace, 0)?,
             access_log: args.access_log,
@@ -328,13 +338,18 @@ fn flow_config(args: &Args) -> Result<flows::Config, Error> {
     })
 }
 
+/// A setting that must be an absolute path.
+fn absolute(setting: &'static str, v: &str) -> Result<PathBuf, Error> {
+    if !Path::new(v).is_absolute() {
+        return Err(invalid(setting, v, "must be an absolute path"));
+    }
+    Ok(PathBuf::from(v))
+}
+
 /// `--ca-dir`: required with Kubernetes (one CA for every node), defaulted standalone.
 fn parse_ca_dir(v: Option<&str>, source: &str) -> Result<PathBuf, Error> {
     match v.filter(|v| !v.is_empty()) {
-        Some(v) if !Path::new(v).is_absolute() => {
-            Err(invalid("--ca-dir", v, "must be an absolute path"))
-        }
-        Some(v) => Ok(PathBuf::from(v)),
+        Some(v) => absolute("--ca-dir", v),
         None if source == "kubernetes" => Err(invalid(
             "--ca-dir",
             "",
@@ -489,6 +504,7 @@ mod tests {
             flow_log_max_bytes: flows::log::DEFAULT_MAX_BYTES.to_string(),
             flow_log_files: flows::log::DEFAULT_FILES.to_string(),
             ca_dir: None,
+            state_dir: DEFAULT_STATE_DIR.into(),
             cert_lifetime: "24h".into(),
             drain_grace: DEFAULT_DRAIN_GRACE.into(),
             access_log: false,

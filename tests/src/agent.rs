@@ -139,6 +139,11 @@ impl Agent<'_> {
                 .unwrap_or_else(|e| panic!("creating the test CA in {}: {e}", ca_dir.display()));
         }
         args.extend(["--ca-dir".into(), ca_dir.display().to_string()]);
+        // Kept across restarts of this agent, like the node's own disk.
+        args.extend([
+            "--state-dir".into(),
+            self.node.dir().join("state").display().to_string(),
+        ]);
         args.extend(self.opts.extra_args.iter().cloned());
         self.proc = Some(Proc::spawn_logged(
             Some(&self.node.netns),

@@ -262,7 +262,7 @@ fn an_invalid_policy_is_rejected_and_the_previous_one_stays() {
     require_root!();
     let scene = Scene::new();
     scene.policy("deny.yaml", &deny_from("no-other", OTHER));
-    let agent = scene.node.start_agent();
+    let mut agent = scene.node.start_agent();
     assert_eq!(answered(&scene.other, scene.web(OPEN), 3), 0);
     assert_eq!(answered(&scene.client, scene.web(OPEN), 3), 3);
 
@@ -294,4 +294,25 @@ spec:
     // The previous version of the policy is still in force.
     assert_eq!(answered(&scene.other, scene.web(OPEN), 3), 0);
     assert_eq!(answered(&scene.client, scene.web(OPEN), 3), 3);
+
+    // Restarted with the file still broken: the DENY stays in force (its saved last good
+    // version), and the agent says the file is rejected.
+    agent.restart();
+    assert_eq!(
+        answered(&scene.other, scene.web(OPEN), 3),
+        0,
+        "the DENY fell out of force at the restart\n{}",
+        agent.log_tail(20)
+    );
+    assert_eq!(answered(&scene.client, scene.web(OPEN), 3), 3);
+    assert!(
+        agent.metric_sum("mycel_source_errors_current") >= 1.0,
+        "the rejected file is still reported: {}",
+        agent.metrics()
+    );
+    assert!(
+        agent.log().contains("keeping its last good version"),
+        "{}",
+        agent.log_tail(20)
+    );
 }

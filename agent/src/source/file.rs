@@ -7,7 +7,12 @@
 //!
 //! The unit of acceptance is the file: when any document of a changed file is invalid, the
 //! problems are reported once and the objects the file had before stay as they were, until
-//! the file is fixed. Each batch of filesystem events yields the net difference per object,
+//! the file is fixed. The last accepted version of every file is also saved (see
+//! [`FileSource::start`]), so that this holds across restarts: an agent that starts with a
+//! broken file takes that file's objects from its saved last good version, reports the
+//! file as rejected, and uses the file itself once it is fixed. A file removed from the
+//! directory (while the agent runs or not) loses its saved version too.
+//! Each batch of filesystem events yields the net difference per object,
 //! so an object moved to another file is one upsert, and rewriting a file with the same bytes
 //! yields nothing. An object defined in two files is taken from the one seen first.
 //!
@@ -64,8 +69,14 @@ impl FileSource {
     /// everything valid; after that, one `Update { full: false, .. }` per batch of changes
     /// that changed something, and the errors of changed files.
     ///
+    /// `saved`: where the last accepted version of each file is kept (created if missing);
+    /// `None` keeps nothing, so a file broken at start-up has no objects.
+    ///
     /// Fails if `dir` does not exist, is not a directory, or cannot be watched.
-    pub fn start(dir: PathBuf) -> Result<(FileSource, mpsc::Receiver<SourceEvent>), Error> {
+    pub fn start(
+        dir: PathBuf,
+        saved: Option<PathBuf>,
+    ) -> Result<(FileSource, mpsc::Receiver<SourceEvent>), Error> {
         match fs::metadata(&dir) {
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => return Err(Error::NotADirectory(dir)),
@@ -91,11 +102,15 @@ impl FileSource {
             .map_err(watch_error)?;
 
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        let worker = Worker {
-            files: Files::new(dir.clone()),
-            events,
-            tx,
-        };
+        let mut files = Files::new(dir.clone());
+        if let Some(saved) = saved {
+            fs::create_dir_all(&saved).map_err(|source| Error::Read {
+                path: saved.clone(),
+                source,
+            })?;
+            files.saved = Some(saved);
+        }
+        let worker = Worker { files, events, tx };
         thread::Builder::new()
             .name("mycel-files".to_owned())
             .spawn(move || worker.run())
@@ -140,7 +155,11 @@ impl Worker {
         let seen = Instant::now();
         let mut errors = Vec::new();
         let paths = match self.files.scan() {
-            Ok(paths) => paths,
+            Ok(paths) => {
+                // Files removed while no agent ran were removed on purpose.
+                self.files.forget_saved_except(&paths);
+                paths
+            }
             Err(e) => {
                 errors.push(e);
                 BTreeSet::new()
@@ -336,6 +355,8 @@ struct Files {
     /// For each object, the files that define it, in the order they were accepted: the
     /// first one's definition is the one in effect.
     defs: BTreeMap<ResourceKey, Vec<PathBuf>>,
+    /// Where the last accepted version of each file is saved, under the file's name.
+    saved: Option<PathBuf>,
 }
 
 /// The net result of re-reading some files.
@@ -352,7 +373,67 @@ impl Files {
             dir,
             files: BTreeMap::new(),
             defs: BTreeMap::new(),
+            saved: None,
         }
+    }
+
+    /// Where `path`'s last good version is saved.
+    fn saved_path(&self, path: &Path) -> Option<PathBuf> {
+        Some(self.saved.as_ref()?.join(path.file_name()?))
+    }
+
+    /// Saves `content` as `path`'s last good version (atomically: a crash leaves the old
+    /// version or the new one). A failure is logged: the file itself is still in force.
+    fn save(&self, path: &Path, content: &[u8]) {
+        let Some(target) = self.saved_path(path) else {
+            return;
+        };
+        let tmp = target.with_extension("saving");
+        let written = fs::File::create(&tmp)
+            .and_then(|mut f| {
+                io::Write::write_all(&mut f, content)?;
+                f.sync_all()
+            })
+            .and_then(|()| fs::rename(&tmp, &target));
+        if let Err(e) = written {
+            tracing::warn!(file = %path.display(), saved = %target.display(), "cannot save the last good version of the file: {e}");
+        }
+    }
+
+    /// Forgets `path`'s last good version (the file was removed).
+    fn forget_saved(&self, path: &Path) {
+        if let Some(target) = self.saved_path(path)
+            && let Err(e) = fs::remove_file(&target)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(saved = %target.display(), "cannot remove a saved file version: {e}");
+        }
+    }
+
+    /// Forgets the saved versions of files that are not among `present`.
+    fn forget_saved_except(&self, present: &BTreeSet<PathBuf>) {
+        let Some(saved) = &self.saved else { return };
+        let Ok(entries) = fs::read_dir(saved) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !is_config_file(&name.to_string_lossy()) {
+                continue;
+            }
+            if !present.contains(&self.dir.join(&name)) {
+                self.forget_saved(&self.dir.join(&name));
+            }
+        }
+    }
+
+    /// The objects of `path`'s saved last good version, if there is one and it is valid.
+    fn saved_objects(&self, path: &Path) -> Option<Objects> {
+        let target = self.saved_path(path)?;
+        let bytes = read(&target).ok()??;
+        // Parsed as the file itself, so objects and messages name the file.
+        let parsed = parse_files(&[(path.to_path_buf(), Some(bytes))]);
+        parsed.into_iter().next()?.ok()
     }
 
     /// The config files now in the directory.
@@ -403,8 +484,9 @@ impl Files {
     fn refresh(&mut self, paths: BTreeSet<PathBuf>) -> Changes {
         let mut changes = Changes::default();
 
-        // Read, then parse; nothing changes yet.
-        type Parsed = Option<(Vec<u8>, Objects)>;
+        // Read, then parse; nothing changes yet. An outcome's flag: its objects are a saved
+        // last good version, standing in for a rejected file.
+        type Parsed = Option<(Vec<u8>, Objects, bool)>;
         let mut read_files: Vec<(PathBuf, Option<Vec<u8>>)> = Vec::new();
         for path in paths {
             match read(&path) {
@@ -429,9 +511,21 @@ impl Files {
                 continue;
             };
             match parsed.next().unwrap_or_else(|| Err(Vec::new())) {
-                Ok(objects) => outcomes.push((path, Some((bytes, objects)))),
+                Ok(objects) => outcomes.push((path, Some((bytes, objects, false)))),
                 Err(errors) => {
                     changes.errors.extend(errors);
+                    // First seen broken (at start-up): its saved last good version stands in.
+                    if !self.files.contains_key(&path)
+                        && let Some(objects) = self.saved_objects(&path)
+                    {
+                        tracing::warn!(
+                            file = %path.display(),
+                            objects = objects.len(),
+                            "the file is rejected: keeping its last good version, saved earlier"
+                        );
+                        outcomes.push((path, Some((bytes, objects, true))));
+                        continue;
+                    }
                     // Keep what was accepted; remember the bytes so they are not reported again.
                     self.files
                         .entry(path)
@@ -452,7 +546,7 @@ impl Files {
         let mut before: BTreeMap<ResourceKey, Option<Resource>> = BTreeMap::new();
         for (path, parsed) in &outcomes {
             let old = self.files.get(path).map(|f| f.objects.keys());
-            let new = parsed.as_ref().map(|(_, objects)| objects.keys());
+            let new = parsed.as_ref().map(|(_, objects, _)| objects.keys());
             for key in old.into_iter().flatten().chain(new.into_iter().flatten()) {
                 if !before.contains_key(key) {
                     before.insert(key.clone(), self.effective(key).cloned());
@@ -462,19 +556,24 @@ impl Files {
 
         for (path, parsed) in outcomes {
             let old = match parsed {
-                None => self
-                    .files
-                    .remove(&path)
-                    .map(|f| f.objects)
-                    .unwrap_or_default(),
-                Some((content, objects)) => {
+                None => {
+                    self.forget_saved(&path);
+                    self.files
+                        .remove(&path)
+                        .map(|f| f.objects)
+                        .unwrap_or_default()
+                }
+                Some((content, objects, stand_in)) => {
+                    if !stand_in {
+                        self.save(&path, &content);
+                    }
                     let entry = self.files.entry(path.clone()).or_insert_with(|| FileEntry {
                         content: Vec::new(),
                         objects: BTreeMap::new(),
                         rejected: false,
                     });
                     entry.content = content;
-                    entry.rejected = false;
+                    entry.rejected = stand_in;
                     mem::replace(&mut entry.objects, objects)
                 }
             };
@@ -1042,7 +1141,7 @@ spec:
     }
 
     async fn start(dir: &Path) -> (FileSource, mpsc::Receiver<SourceEvent>) {
-        FileSource::start(dir.to_path_buf()).unwrap()
+        FileSource::start(dir.to_path_buf(), None).unwrap()
     }
 
     #[tokio::test]
@@ -1223,6 +1322,68 @@ spec:
         assert_eq!(
             keys(&update.upserts),
             BTreeSet::from([key(Kind::Service, "web")])
+        );
+    }
+
+    #[tokio::test]
+    async fn the_last_good_version_survives_a_restart_and_a_removal_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = tempfile::tempdir().unwrap();
+        let restart = || FileSource::start(dir.path().to_path_buf(), Some(saved.path().into()));
+        write(dir.path(), "web.yaml", SERVICE);
+        write(dir.path(), "other.yaml", WORKLOAD);
+        let (source, mut rx) = restart().unwrap();
+        let update = next_update(&mut rx).await;
+        assert_eq!(update.upserts.len(), 2);
+        // Broken while the agent runs: the good version stays (as before).
+        write(dir.path(), "web.yaml", &format!("{SERVICE}  - port: [\n"));
+        next_error(&mut rx).await;
+        drop((source, rx));
+
+        // Started again with the file still broken: its saved version is in force, and
+        // the file is reported as rejected.
+        let (source, mut rx) = restart().unwrap();
+        next_error(&mut rx).await;
+        let update = next_update(&mut rx).await;
+        assert!(update.full);
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Service, "web"), key(Kind::Workload, "web-0")]),
+            "the broken file's last good objects are kept"
+        );
+        assert_eq!(next_rejected(&mut rx).await, 1);
+        // Fixed: the file's own contents apply, and become the saved version.
+        write(
+            dir.path(),
+            "web.yaml",
+            &SERVICE.replace("port: 80", "port: 81"),
+        );
+        let update = next_update(&mut rx).await;
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Service, "web")])
+        );
+        drop((source, rx));
+        let text = fs::read_to_string(saved.path().join("web.yaml")).unwrap();
+        assert!(text.contains("port: 81"), "{text}");
+
+        // Removed while no agent ran: gone for good, even if it comes back broken.
+        fs::remove_file(dir.path().join("web.yaml")).unwrap();
+        let (source, mut rx) = restart().unwrap();
+        let update = next_update(&mut rx).await;
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Workload, "web-0")])
+        );
+        assert!(!saved.path().join("web.yaml").exists());
+        drop((source, rx));
+        write(dir.path(), "web.yaml", "kind: [\n");
+        let (_source, mut rx) = restart().unwrap();
+        next_error(&mut rx).await;
+        let update = next_update(&mut rx).await;
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Workload, "web-0")])
         );
     }
 
@@ -1505,13 +1666,13 @@ spec:
     async fn start_fails_without_a_directory() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing");
-        let err = FileSource::start(missing.clone()).unwrap_err();
+        let err = FileSource::start(missing.clone(), None).unwrap_err();
         assert!(
             matches!(err, Error::NoDirectory(ref p) if *p == missing),
             "{err}"
         );
         write(dir.path(), "file.yaml", "");
-        let err = FileSource::start(dir.path().join("file.yaml")).unwrap_err();
+        let err = FileSource::start(dir.path().join("file.yaml"), None).unwrap_err();
         assert!(matches!(err, Error::NotADirectory(_)), "{err}");
     }
 }

@@ -546,7 +546,7 @@ fn control_plane_bench(args: &LbArgs) -> String {
     let t_load = t0.elapsed();
     let t1 = Instant::now();
     let (_source, mut events) =
-        FileSource::start(resources.clone()).unwrap_or_else(|e| panic!("file source: {e}"));
+        FileSource::start(resources.clone(), None).unwrap_or_else(|e| panic!("file source: {e}"));
     let full = match events.blocking_recv() {
         Some(SourceEvent::Update(u)) => u,
         Some(SourceEvent::Error(e)) => panic!("the generated YAML was rejected: {e}"),
