@@ -66,6 +66,10 @@ pub struct Status {
     /// Local workloads the mesh proxy serves (listening in their namespaces).
     #[serde(default)]
     pub mesh_workloads: usize,
+    /// Local enrolled workloads the proxy does not serve yet, with the reason (such as
+    /// STRICT not enforced yet: their TC programs are not attached).
+    #[serde(default)]
+    pub mesh_pending: Vec<(String, String)>,
     /// The certificates of the local workloads' identities, sorted by identity.
     #[serde(default)]
     pub certificates: Vec<CertInfo>,

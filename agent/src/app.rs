@@ -148,6 +148,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     node_name: node_name.clone(),
                     cgroup_root: cfg.cgroup_root.clone(),
                     root_namespace: policy_settings.root_namespace.clone(),
+                    saved_policies: Some(
+                        cfg.state_dir
+                            .join("last-good")
+                            .join("authorizationpolicies"),
+                    ),
                 },
             );
             info!(node = %node_name, "watching the Kubernetes API; ready once every kind is listed");
@@ -371,11 +376,12 @@ impl Agent {
         if first || applied.workloads_changed {
             self.publish_workloads();
         }
-        if first || applied.mesh_changed {
-            self.sync_mesh();
-        }
+        // Policy first: the mesh serves a STRICT workload only once TC enforces it.
         if first || applied.policy_changed || applied.workloads_changed || applied.mesh_changed {
             tokio::task::block_in_place(|| self.sync_policy(first));
+        }
+        if first || applied.mesh_changed {
+            self.sync_mesh();
         }
         self.metrics
             .update_latency
@@ -454,7 +460,7 @@ impl Agent {
                 EndpointInfo {
                     endpoint_id: ep.endpoint_id,
                     identity: ep.identity,
-                    flags: endpoint_flags(ep.enforce, self.mesh.mode(&ep.workload)),
+                    flags: endpoint_flags(ep.enforce, self.state.mesh_mode_of(&ep.workload)),
                     policy_revision: 0,
                 },
             );
@@ -501,7 +507,8 @@ impl Agent {
     /// kernel's mesh maps.
     fn sync_mesh(&mut self) {
         let content = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(self.mesh.sync(&self.state))
+            tokio::runtime::Handle::current()
+                .block_on(self.mesh.sync(&self.state, &self.tc_pending))
         });
         match self.datapath.mesh.apply(&content) {
             Ok(stats) => debug!(?stats, "mesh maps written"),
@@ -519,12 +526,14 @@ impl Agent {
         if let Ok(mut s) = self.shared.status.write() {
             s.certificates = self.mesh.certificates();
             s.mesh_workloads = self.mesh.local_workloads();
+            s.mesh_pending = self.mesh.pending();
+        }
+        if !self.tc_pending.is_empty() {
+            tokio::task::block_in_place(|| self.sync_policy(false));
+            self.publish();
         }
         if self.mesh.has_pending() {
             self.sync_mesh();
-            tokio::task::block_in_place(|| self.sync_policy(false));
-        }
-        if !self.tc_pending.is_empty() {
             tokio::task::block_in_place(|| self.sync_policy(false));
             self.publish();
         }
@@ -602,6 +611,7 @@ impl Agent {
             s.last_error = self.last_error.clone();
             s.certificates = self.mesh.certificates();
             s.mesh_workloads = self.mesh.local_workloads();
+            s.mesh_pending = self.mesh.pending();
             s.trust_bundle = admin::TrustAnchor::from_bundle(&self.mesh.bundle());
         }
         // Rebuilding the owners costs a copy of every service's name: only when they change.

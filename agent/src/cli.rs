@@ -411,6 +411,10 @@ fn status_text(s: &Status, now: SystemTime) -> String {
                 .join(" ")
         );
     }
+    let _ = writeln!(out, "mesh workloads served: {}", s.mesh_workloads);
+    for (workload, why) in &s.mesh_pending {
+        let _ = writeln!(out, "  not served yet: {workload}: {why}");
+    }
     out.push_str(&certificates_text(s, now));
     out
 }

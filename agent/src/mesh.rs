@@ -106,8 +106,6 @@ pub struct Mesh {
     /// Local enrolled workloads that could not be set up yet (no namespace, no address);
     /// retried by [`Mesh::retry`]. Each problem is logged once.
     pending: BTreeMap<ObjectRef, String>,
-    /// Mutual TLS mode of every enrolled workload, local or not.
-    modes: BTreeMap<ObjectRef, MtlsMode>,
     /// Workloads that left, by address: their tunnels draining, then their namespace's
     /// set-up undone. The flag cancels the undoing when the workload comes back first.
     leaving: HashMap<IpAddr, (Arc<std::sync::atomic::AtomicBool>, JoinHandle<()>)>,
@@ -165,7 +163,6 @@ impl Mesh {
             access_log: cfg.access_log,
             pods: BTreeMap::new(),
             pending: BTreeMap::new(),
-            modes: BTreeMap::new(),
             leaving: HashMap::new(),
             _renewal: renewal,
         }
@@ -181,20 +178,27 @@ impl Mesh {
         self.certs.bundle()
     }
 
-    /// The mode of an enrolled workload; `None` if it is not enrolled.
-    pub fn mode(&self, workload: &ObjectRef) -> Option<MtlsMode> {
-        self.modes.get(workload).copied()
-    }
-
     /// Number of local workloads served.
     pub fn local_workloads(&self) -> usize {
         self.pods.len()
     }
 
+    /// Local enrolled workloads not served yet, with the reason.
+    pub fn pending(&self) -> Vec<(String, String)> {
+        self.pending
+            .iter()
+            .map(|(id, why)| (id.to_string(), why.clone()))
+            .collect()
+    }
+
     /// Follows the model: enrolled workloads, their certificates, the local workloads'
     /// listeners, and the policies tunnels are authorized by. Returns what the kernel's
     /// mesh maps should hold.
-    pub async fn sync(&mut self, state: &State) -> MeshContent {
+    ///
+    /// `unenforced`: local workloads whose TC programs are not attached. One of those in
+    /// mode STRICT is not served until they are: the proxy would otherwise take its
+    /// tunnels while plaintext still reaches it, and it would look STRICT without being so.
+    pub async fn sync(&mut self, state: &State, unenforced: &BTreeSet<ObjectRef>) -> MeshContent {
         let trust_domain = &state.policy_settings().trust_domain;
         let mut identities = HashMap::new();
         let mut local = HashMap::new();
@@ -252,8 +256,15 @@ impl Mesh {
         if closed > 0 {
             info!(closed, "closed open tunnels that policy no longer allows");
         }
-        self.modes = modes;
-        self.reconcile_pods(&view).await;
+        let held: BTreeMap<ObjectRef, String> = modes
+            .iter()
+            .filter(|(id, mode)| **mode == MtlsMode::Strict && unenforced.contains(*id))
+            .map(|(id, _)| {
+                let why = "mode STRICT is not enforced yet: its TC programs are not attached";
+                (id.clone(), why.to_owned())
+            })
+            .collect();
+        self.reconcile_pods(&view, &held).await;
         for pod in self.pods.values() {
             content.sources.insert(
                 pod.cookie,
@@ -272,11 +283,15 @@ impl Mesh {
         !self.pending.is_empty()
     }
 
-    /// Starts serving new local workloads and stops serving those that left.
-    async fn reconcile_pods(&mut self, view: &View) {
+    /// Starts serving new local workloads and stops serving those that left, or that are
+    /// `held` back (with the reason).
+    async fn reconcile_pods(&mut self, view: &View, held: &BTreeMap<ObjectRef, String>) {
         // One entry per workload: its first IPv4 address is where the proxy listens.
         let mut wanted: BTreeMap<ObjectRef, (Arc<Workload>, IpAddr)> = BTreeMap::new();
         for w in view.local.values() {
+            if held.contains_key(&w.meta.id) {
+                continue;
+            }
             if let Some(ip) = w.addresses.iter().find(|a| a.is_ipv4()) {
                 wanted.insert(w.meta.id.clone(), (w.clone(), *ip));
             }
@@ -293,6 +308,12 @@ impl Mesh {
             }
         }
         self.pending.retain(|id, _| wanted.contains_key(id));
+        for (id, why) in held {
+            if self.pending.get(id) != Some(why) {
+                warn!(workload = %id, "not serving the workload in the mesh yet: {why}");
+            }
+            self.pending.insert(id.clone(), why.clone());
+        }
         self.leaving.retain(|_, (_, task)| !task.is_finished());
         for (id, (w, ip)) in wanted {
             if self.pods.contains_key(&id) {

@@ -14,6 +14,7 @@ use crate::state::{self, Kind, Origin, ResourceKey};
 
 pub mod file;
 pub mod k8s;
+mod saved;
 pub mod translate;
 
 /// What a source sends to the agent.

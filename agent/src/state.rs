@@ -505,6 +505,12 @@ impl State {
         self.workloads.values()
     }
 
+    /// The mutual TLS mode of the workload `id`; `None` when it is not enrolled (or not
+    /// known).
+    pub fn mesh_mode_of(&self, id: &ObjectRef) -> Option<mesh::MtlsMode> {
+        self.mesh_mode(self.workloads.get(id)?)
+    }
+
     /// The workload's mutual TLS mode; `None` when it is not enrolled in the mesh.
     pub fn mesh_mode(&self, workload: &Workload) -> Option<mesh::MtlsMode> {
         let namespace = self

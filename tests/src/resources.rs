@@ -221,6 +221,12 @@ impl WorkloadYaml {
         self
     }
 
+    /// Names another host-side interface (one that may not exist).
+    pub fn interface(mut self, name: &str) -> Self {
+        self.value["spec"]["interface"] = json!(name);
+        self
+    }
+
     /// Adds (or replaces) the label `key: value`, e.g. `mycel.dev/mode: mesh` to enroll
     /// the workload in the mesh.
     pub fn label(mut self, key: &str, value: &str) -> Self {

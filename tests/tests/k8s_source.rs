@@ -211,7 +211,7 @@ fn policy_status_says_accepted_or_names_the_invalid_field() {
         "metadata": {"name": "elsewhere", "namespace": "other"},
         "spec": {"action": "DENY", "rules": [{}]},
     }));
-    let agent = cluster.start_agent(&node);
+    let mut agent = cluster.start_agent(&node);
 
     agent.wait_for(
         "both policies to have a status",
@@ -265,6 +265,21 @@ fn policy_status_says_accepted_or_names_the_invalid_field() {
         Some(2.0),
         "the last good version stays in force"
     );
+    // And across a restart of the agent, which finds it broken: its saved last good
+    // version (not the never-accepted `bad`) is in force, and it is still reported.
+    agent.restart();
+    assert_eq!(
+        agent.metric_value("mycel_policy_loaded", &[]),
+        Some(2.0),
+        "the last good version survives a restart\n{}",
+        agent.log_tail(20)
+    );
+    assert!(
+        agent.log().contains("keeping its last good version"),
+        "{}",
+        agent.log_tail(20)
+    );
+    assert!(agent.metric_sum("mycel_source_errors_current") >= 2.0);
     // Fixed: accepted again.
     cluster.api.apply_json(policy("bad", "10.0.0.0/16"));
     agent.wait_for("the fixed policy's status", Duration::from_secs(5), |_| {

@@ -552,3 +552,57 @@ spec:
     );
     drop(a1);
 }
+
+/// A STRICT workload whose TC programs cannot be attached yet is not served by the proxy
+/// (and status says why) until they are: it must not look STRICT while plaintext still
+/// reaches it.
+#[test]
+fn a_strict_workload_is_served_only_once_strict_is_enforced() {
+    require_root!();
+    let two = TwoNodes::new();
+    let client = two.node1.pod("client");
+    let server = two.node2.pod("server");
+    let _server = peer_server(&server);
+    let workloads = |server_if: Option<&str>| {
+        let mut w = enrolled(&server, "server", "STRICT");
+        if let Some(name) = server_if {
+            w = w.interface(name);
+        }
+        vec![
+            (&client, enrolled(&client, "client", "STRICT")),
+            (&server, w),
+        ]
+    };
+    two.write_workloads("workloads.yaml", &workloads(Some("mycel-nodev0")));
+    let (a1, a2) = two.start_agents(AgentOptions::default());
+    wait_serving(&a1, 1);
+    let status = |agent: &Agent<'_>| -> serde_json::Value {
+        serde_json::from_str(&agent.get("/debug/status").1).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(&a2);
+        let pending = s["mesh_pending"].to_string();
+        if pending.contains("server") && pending.contains("STRICT is not enforced") {
+            assert_eq!(s["mesh_workloads"], 0, "served while not enforced: {s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no pending reason in {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Held for a while, not just late.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(status(&a2)["mesh_workloads"], 0);
+    let (_, text, _) = a2.cli(&["status"]);
+    assert!(text.contains("not served yet"), "{text}");
+
+    // Its interface appears in the Workload: TC attaches, then the proxy serves it.
+    two.write_workloads("workloads.yaml", &workloads(None));
+    wait_serving(&a2, 1);
+    let dst = SocketAddr::new(IpAddr::V4(server.ipv4), PORT);
+    client
+        .tcp_client(dst, 2)
+        .answers_without_errors("once STRICT is enforced");
+    let s = status(&a2);
+    assert_eq!(s["mesh_pending"], serde_json::json!([]), "{s}");
+}

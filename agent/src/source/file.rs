@@ -40,6 +40,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Error, Location, SourceEvent,
+    saved::Saved,
     translate::{self, POLICY_API_VERSION, POLICY_KIND, WORKLOAD_API_VERSION, WORKLOAD_KIND},
 };
 use crate::state::{Kind, Origin, Resource, ResourceKey, Update};
@@ -104,11 +105,11 @@ impl FileSource {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let mut files = Files::new(dir.clone());
         if let Some(saved) = saved {
-            fs::create_dir_all(&saved).map_err(|source| Error::Read {
-                path: saved.clone(),
+            let store = Saved::open(saved.clone()).map_err(|source| Error::Read {
+                path: saved,
                 source,
             })?;
-            files.saved = Some(saved);
+            files.saved = Some(store);
         }
         let worker = Worker { files, events, tx };
         thread::Builder::new()
@@ -356,7 +357,7 @@ struct Files {
     /// first one's definition is the one in effect.
     defs: BTreeMap<ResourceKey, Vec<PathBuf>>,
     /// Where the last accepted version of each file is saved, under the file's name.
-    saved: Option<PathBuf>,
+    saved: Option<Saved>,
 }
 
 /// The net result of re-reading some files.
@@ -377,60 +378,38 @@ impl Files {
         }
     }
 
-    /// Where `path`'s last good version is saved.
-    fn saved_path(&self, path: &Path) -> Option<PathBuf> {
-        Some(self.saved.as_ref()?.join(path.file_name()?))
+    /// The name `path`'s last good version is saved under.
+    fn saved_name(path: &Path) -> Option<String> {
+        path.file_name()?.to_str().map(str::to_owned)
     }
 
-    /// Saves `content` as `path`'s last good version (atomically: a crash leaves the old
-    /// version or the new one). A failure is logged: the file itself is still in force.
+    /// Saves `content` as `path`'s last good version.
     fn save(&self, path: &Path, content: &[u8]) {
-        let Some(target) = self.saved_path(path) else {
-            return;
-        };
-        let tmp = target.with_extension("saving");
-        let written = fs::File::create(&tmp)
-            .and_then(|mut f| {
-                io::Write::write_all(&mut f, content)?;
-                f.sync_all()
-            })
-            .and_then(|()| fs::rename(&tmp, &target));
-        if let Err(e) = written {
-            tracing::warn!(file = %path.display(), saved = %target.display(), "cannot save the last good version of the file: {e}");
+        if let (Some(saved), Some(name)) = (&self.saved, Self::saved_name(path)) {
+            saved.save(&name, content);
         }
     }
 
     /// Forgets `path`'s last good version (the file was removed).
     fn forget_saved(&self, path: &Path) {
-        if let Some(target) = self.saved_path(path)
-            && let Err(e) = fs::remove_file(&target)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(saved = %target.display(), "cannot remove a saved file version: {e}");
+        if let (Some(saved), Some(name)) = (&self.saved, Self::saved_name(path)) {
+            saved.forget(&name);
         }
     }
 
     /// Forgets the saved versions of files that are not among `present`.
     fn forget_saved_except(&self, present: &BTreeSet<PathBuf>) {
         let Some(saved) = &self.saved else { return };
-        let Ok(entries) = fs::read_dir(saved) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if !is_config_file(&name.to_string_lossy()) {
-                continue;
-            }
-            if !present.contains(&self.dir.join(&name)) {
-                self.forget_saved(&self.dir.join(&name));
+        for name in saved.names() {
+            if is_config_file(&name) && !present.contains(&self.dir.join(&name)) {
+                saved.forget(&name);
             }
         }
     }
 
     /// The objects of `path`'s saved last good version, if there is one and it is valid.
     fn saved_objects(&self, path: &Path) -> Option<Objects> {
-        let target = self.saved_path(path)?;
-        let bytes = read(&target).ok()??;
+        let bytes = self.saved.as_ref()?.load(&Self::saved_name(path)?)?;
         // Parsed as the file itself, so objects and messages name the file.
         let parsed = parse_files(&[(path.to_path_buf(), Some(bytes))]);
         parsed.into_iter().next()?.ok()

@@ -42,7 +42,7 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use super::{Error, Location, SourceEvent, translate};
+use super::{Error, Location, SourceEvent, saved::Saved, translate};
 use crate::{
     discovery::{self, Discovery},
     state::{self, ObjectRef, Origin, Resource, ResourceKey},
@@ -73,6 +73,10 @@ pub struct KubeConfig {
     pub cgroup_root: PathBuf,
     /// Namespace whose policies apply in every namespace.
     pub root_namespace: String,
+    /// Where the last accepted version of each AuthorizationPolicy is saved, so that one
+    /// found invalid when the agent starts keeps that version in force; `None` saves
+    /// nothing.
+    pub saved_policies: Option<PathBuf>,
 }
 
 /// The running source; dropping it stops every watcher.
@@ -321,6 +325,14 @@ struct Merger {
     /// Objects whose current version is rejected.
     rejected: usize,
     rejected_reported: usize,
+    /// Last good versions of AuthorizationPolicies.
+    saved: Option<Saved>,
+}
+
+/// The name an AuthorizationPolicy's last good version is saved under (`_` occurs in no
+/// Kubernetes name, so the two parts cannot be confused).
+fn saved_name(id: &ObjectRef) -> String {
+    format!("{}_{}.json", id.namespace, id.name)
 }
 
 impl Merger {
@@ -334,7 +346,13 @@ impl Merger {
                 None
             }
         };
+        let saved = cfg.saved_policies.clone().and_then(|dir| {
+            Saved::open(dir.clone())
+                .map_err(|e| warn!(dir = %dir.display(), "policies' last good versions will not be saved: {e}"))
+                .ok()
+        });
         Merger {
+            saved,
             cfg,
             events,
             entries: HashMap::new(),
@@ -486,6 +504,24 @@ impl Merger {
             Item::Resource(result) => result,
             Item::Policy(policy) => {
                 self.policies.observe(&id, &policy);
+                let name = saved_name(&id);
+                match (&policy.result, &self.saved) {
+                    (Ok(_), Some(saved)) => {
+                        let text = serde_json::to_vec(&policy.document).unwrap_or_default();
+                        saved.save(&name, &text);
+                    }
+                    (Err(_), Some(saved)) if !self.entries.contains_key(&(what, id.clone())) => {
+                        // Rejected when first seen (at start-up): its saved last good
+                        // version stands in, while the object is reported as rejected.
+                        if let Some(kept) = self.saved_policy(saved, &name) {
+                            warn!(policy = %id, saved = %saved.dir().display(), "the policy is rejected: keeping its last good version, saved earlier");
+                            self.push(Resource::AuthorizationPolicy(kept));
+                            let entry = self.entries.entry((what, id.clone())).or_default();
+                            entry.accepted = true;
+                        }
+                    }
+                    _ => {}
+                }
                 policy.result.map(Resource::AuthorizationPolicy)
             }
             Item::Pod(Ok(None)) => {
@@ -524,6 +560,17 @@ impl Merger {
         }
     }
 
+    /// The saved last good version `name` of a policy, if it is still valid.
+    fn saved_policy(&self, saved: &Saved, name: &str) -> Option<state::AuthorizationPolicy> {
+        let value: serde_json::Value = serde_json::from_slice(&saved.load(name)?).ok()?;
+        let location = Location {
+            origin: state::Origin::from(saved.dir().join(name).display().to_string()),
+            document: None,
+            line: None,
+        };
+        status::translate_policy_document(value, &location, name.to_owned()).ok()
+    }
+
     /// Queues an accepted object for the model.
     fn push(&mut self, resource: Resource) {
         if self.synced {
@@ -559,7 +606,12 @@ impl Merger {
             Watched::Namespace => {
                 self.namespaces.remove(&id.name);
             }
-            Watched::Policy => self.policies.forget(id),
+            Watched::Policy => {
+                self.policies.forget(id);
+                if let Some(saved) = &self.saved {
+                    saved.forget(&saved_name(id));
+                }
+            }
             _ => {}
         }
     }
@@ -654,6 +706,18 @@ impl Merger {
         let first = !self.synced;
         let update = if first {
             self.synced = true;
+            // Policies deleted while no agent ran were deleted on purpose.
+            if let Some(saved) = &self.saved {
+                for name in saved.names() {
+                    let listed = self
+                        .entries
+                        .keys()
+                        .any(|(w, id)| *w == Watched::Policy && saved_name(id) == name);
+                    if !listed {
+                        saved.forget(&name);
+                    }
+                }
+            }
             self.upserts.clear();
             self.deletes.clear();
             Some(state::Update {

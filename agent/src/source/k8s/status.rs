@@ -62,6 +62,9 @@ pub struct AcceptedCondition {
 #[derive(Debug)]
 pub struct PolicyItem {
     pub result: Result<state::AuthorizationPolicy, Vec<Error>>,
+    /// What was translated (kind, name, labels and spec), to save as the last good
+    /// version when accepted.
+    pub document: serde_json::Value,
     pub generation: Option<i64>,
     /// The `Accepted` condition the object holds now.
     pub current: Option<AcceptedCondition>,
@@ -86,14 +89,23 @@ pub fn translate_policy(obj: DynamicObject, location: &Location) -> Item {
     if let (Some(out), Some(spec)) = (value.as_object_mut(), obj.data.get("spec")) {
         out.insert("spec".into(), spec.clone());
     }
-    let result = decode::<translate::AuthorizationPolicy>(value, location, object)
-        .and_then(|p| translate::authorization_policy(&p, location));
     Item::Policy(PolicyItem {
-        result,
+        result: translate_policy_document(value.clone(), location, object),
+        document: value,
         generation,
         current,
         current_since,
     })
+}
+
+/// Translates a policy document (as [`PolicyItem::document`] holds it) into the model.
+pub fn translate_policy_document(
+    value: serde_json::Value,
+    location: &Location,
+    object: String,
+) -> Result<state::AuthorizationPolicy, Vec<Error>> {
+    decode::<translate::AuthorizationPolicy>(value, location, object)
+        .and_then(|p| translate::authorization_policy(&p, location))
 }
 
 /// Deserializes an object; a failure names the field's path.
