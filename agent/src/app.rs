@@ -9,7 +9,8 @@ use std::{
 };
 
 use mycel_common::policy::{
-    ENDPOINT_F_ENFORCE, ENDPOINT_F_MESH, ENDPOINT_F_MESH_STRICT, EndpointInfo, IDENTITY_HOST,
+    ENDPOINT_F_ENFORCE, ENDPOINT_F_MESH, ENDPOINT_F_MESH_STRICT, ENDPOINT_F_NODE_ALL,
+    ENDPOINT_F_NODE_PROBES, EndpointInfo, IDENTITY_HOST, NodeConfig,
 };
 
 use anyhow::Context as _;
@@ -31,7 +32,10 @@ use crate::{
         file::FileSource,
         k8s::{self, KubeConfig, KubeSource},
     },
-    state::{EndpointPolicy, ObjectRef, PolicySettings, State, Update, mesh::MtlsMode},
+    state::{
+        EndpointPolicy, ObjectRef, PolicySettings, State, Update, mesh::MtlsMode,
+        policy::NodeTraffic,
+    },
 };
 
 /// The source in use; dropping it stops it.
@@ -124,10 +128,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "took over pinned maps from a previous agent; they keep routing until the first sync"
         );
     }
+    // Policies judge the node by the addresses it has at start; addresses it gains later
+    // are the host identity in the kernel too (see `sync_policy`), judged by the policies'
+    // entries for the host.
     let policy_settings = PolicySettings {
         trust_domain: cfg.trust_domain.clone(),
+        node_traffic: cfg.node_traffic,
+        host_addresses: host_addresses().into_iter().collect(),
         ..PolicySettings::default()
     };
+    // The pods' cgroup: a locally sent packet whose socket is outside it is a kubelet probe.
+    let pods_cgroup_id = std::fs::metadata(&cfg.cgroup)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap_or_else(|e| {
+            warn!(cgroup = %cfg.cgroup.display(), "cannot read the cgroup's id: {e}; no traffic is taken for a kubelet probe");
+            0
+        });
     let (_source, mut events) = match &cfg.source {
         SourceConfig::File(dir) => {
             let (source, events) = FileSource::start(dir.clone())
@@ -170,6 +186,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         flow_events_dropped: 0,
         owners_published: Default::default(),
         mesh,
+        node_traffic: cfg.node_traffic,
+        pods_cgroup_id,
     };
     agent.publish();
 
@@ -277,6 +295,10 @@ struct Agent {
     flow_events_dropped: u64,
     /// The owners version last published for `/debug/services`.
     owners_published: std::cell::Cell<Option<u64>>,
+    /// `--node-traffic`.
+    node_traffic: NodeTraffic,
+    /// cgroup id of `--cgroup`, for the TC programs' kubelet probe test (0: unknown).
+    pods_cgroup_id: u64,
 }
 
 /// ifindexes with pinned TC links under the agent's bpffs directory (an earlier agent's
@@ -311,8 +333,13 @@ fn host_addresses() -> BTreeSet<IpAddr> {
 }
 
 /// `ENDPOINTS` flags of a local workload.
-fn endpoint_flags(enforce: bool, mesh: Option<MtlsMode>) -> u32 {
+fn endpoint_flags(enforce: bool, mesh: Option<MtlsMode>, node: NodeTraffic) -> u32 {
     let mut flags = if enforce { ENDPOINT_F_ENFORCE } else { 0 };
+    flags |= match node {
+        NodeTraffic::All => ENDPOINT_F_NODE_ALL,
+        NodeTraffic::Probes => ENDPOINT_F_NODE_PROBES,
+        NodeTraffic::None => 0,
+    };
     match mesh {
         Some(MtlsMode::Strict) => flags |= ENDPOINT_F_MESH | ENDPOINT_F_MESH_STRICT,
         Some(MtlsMode::Permissive) => flags |= ENDPOINT_F_MESH,
@@ -426,6 +453,11 @@ impl Agent {
             }
         }
 
+        let addresses: BTreeMap<&ObjectRef, &[IpAddr]> = self
+            .state
+            .workloads()
+            .map(|w| (&w.meta.id, w.addresses.as_slice()))
+            .collect();
         let mut content = PolicyContent::default();
         let mut pending = BTreeSet::new();
         for (interface, ep) in &wanted {
@@ -453,17 +485,29 @@ impl Agent {
                 EndpointInfo {
                     endpoint_id: ep.endpoint_id,
                     identity: ep.identity,
-                    flags: endpoint_flags(ep.enforce, self.mesh.mode(&ep.workload)),
+                    flags: endpoint_flags(
+                        ep.enforce,
+                        self.mesh.mode(&ep.workload),
+                        self.node_traffic,
+                    ),
                     policy_revision: 0,
                 },
             );
+            // What the workload may send from (anti-spoofing).
+            for &a in addresses.get(&ep.workload).copied().unwrap_or_default() {
+                content.sources.insert(a, ifindex);
+            }
             content
                 .policy
                 .extend(ep.entries.iter().map(|(k, v)| (*k, *v)));
         }
         self.tc_pending = pending;
+        content.node = NodeConfig {
+            pods_cgroup_id: self.pods_cgroup_id,
+        };
         content.ipcache = policy.ipcache().clone();
-        // The node's own addresses are the host identity (kubelet probes, node processes).
+        // The node's own addresses are the host identity; the model has those it had at
+        // start, this adds any it gained since.
         for ip in host_addresses() {
             content
                 .ipcache
