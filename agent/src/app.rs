@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    path::{Path, PathBuf},
     sync::{Arc, RwLock, atomic::Ordering},
     time::Duration,
 };
@@ -138,12 +139,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ..PolicySettings::default()
     };
     // The pods' cgroup: a locally sent packet whose socket is outside it is a kubelet probe.
-    let pods_cgroup_id = std::fs::metadata(&cfg.cgroup)
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .unwrap_or_else(|e| {
-            warn!(cgroup = %cfg.cgroup.display(), "cannot read the cgroup's id: {e}; no traffic is taken for a kubelet probe");
+    let pods_cgroup = pods_cgroup(&cfg.cgroup);
+    let pods_cgroup_id = match std::fs::metadata(&pods_cgroup) {
+        Ok(m) => {
+            info!(cgroup = %pods_cgroup.display(), node_traffic = ?cfg.node_traffic, "the pods' cgroup: node processes outside it may send kubelet probes");
+            std::os::unix::fs::MetadataExt::ino(&m)
+        }
+        Err(e) => {
+            warn!(cgroup = %pods_cgroup.display(), "cannot read the pods' cgroup id: {e}; no traffic is taken for a kubelet probe");
             0
-        });
+        }
+    };
     let (_source, mut events) = match &cfg.source {
         SourceConfig::File(dir) => {
             let (source, events) = FileSource::start(dir.clone())
@@ -330,6 +336,18 @@ fn host_addresses() -> BTreeSet<IpAddr> {
             }
         })
         .collect()
+}
+
+/// Where the pods live: kubelet's `kubepods.slice` (systemd cgroup driver) or `kubepods`
+/// (cgroupfs driver) below `--cgroup` when there is one (the manifests give the agent the
+/// cgroup2 root, so that host processes are load-balanced too), else `--cgroup` itself.
+/// A cgroup v2 id is the directory's inode number.
+fn pods_cgroup(cgroup: &Path) -> PathBuf {
+    ["kubepods.slice", "kubepods"]
+        .iter()
+        .map(|name| cgroup.join(name))
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| cgroup.to_path_buf())
 }
 
 /// `ENDPOINTS` flags of a local workload.

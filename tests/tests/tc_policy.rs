@@ -1294,12 +1294,51 @@ fn test_run_node_traffic_probes_all_and_none() {
     assert_eq!(counter(&node, "tc_probe_exempted"), 1);
     assert_eq!(run(&dp, udp), DROP, "probes are TCP");
     // A probe passes an endpoint's default deny, not a DENY naming the node.
-    let (_node, dp) = setup(
+    let (_node, mut dp) = setup(
         ENDPOINT_F_NODE_PROBES | ENDPOINT_F_ENFORCE,
         Some(&outside.cgroup),
         vec![entry(EP, 0, 0, 0, VERDICT_DENY, 0)],
     );
     assert_eq!(run(&dp, syn), PASS, "probe under default deny");
+    // A policy change judges the probe's connection again as a probe: it stays, until a
+    // DENY names the node.
+    let ack = L4::Tcp {
+        sport: 51_000,
+        dport: 8080,
+        flags: TCP_ACK,
+    };
+    let mut content = strict_endpoint(
+        ENDPOINT_F_MESH | ENDPOINT_F_MESH_STRICT | ENDPOINT_F_NODE_PROBES | ENDPOINT_F_ENFORCE,
+    );
+    content.ipcache.insert((host, 32), IDENTITY_HOST);
+    content.node = NodeConfig {
+        pods_cgroup_id: cgroup_id(&outside.cgroup),
+    };
+    content.policy = BTreeMap::from([
+        entry(EP, 0, 0, 0, VERDICT_DENY, 0),
+        entry(EP, ALLOWED, 0, PROTO_TCP, VERDICT_ALLOW, ALLOW_ID),
+    ]);
+    let stats = dp.policy.apply(&content).expect("apply");
+    assert_eq!(stats.revisions_bumped, 1);
+    assert_eq!(
+        run(&dp, ack),
+        PASS,
+        "the probe's connection after a policy change"
+    );
+    content.policy.extend([entry(
+        EP,
+        IDENTITY_HOST,
+        0,
+        PROTO_TCP,
+        VERDICT_DENY,
+        DENY_ID,
+    )]);
+    dp.policy.apply(&content).expect("apply");
+    assert_eq!(
+        run(&dp, ack),
+        DROP,
+        "the probe's connection after a DENY of the node"
+    );
     let (_node, dp) = setup(
         ENDPOINT_F_NODE_PROBES,
         Some(&outside.cgroup),

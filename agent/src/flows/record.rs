@@ -505,6 +505,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn packet_drop_reasons_have_hubble_names() {
+        for (reason, name) in [
+            (DROP_REASON_INVALID_SOURCE_IP, "INVALID_SOURCE_IP"),
+            (DROP_REASON_INVALID_PACKET, "INVALID_PACKET_DROPPED"),
+            (
+                DROP_REASON_INVALID_L4_HEADER,
+                "CT_TRUNCATED_OR_INVALID_HEADER",
+            ),
+            (
+                DROP_REASON_INVALID_IPV6_EXTENSION_HEADER,
+                "INVALID_IPV6_EXTENSION_HEADER",
+            ),
+            (DROP_REASON_MTLS_STRICT, "AUTH_REQUIRED"),
+        ] {
+            assert_eq!(drop_reason_name(reason), name);
+        }
+    }
+
+    #[test]
     fn drops_name_reason_policy_and_world() {
         let mut ev = event(FLOW_EVENT_DROP, "192.0.2.9:5353", "[fd00::2]:53", 17);
         ev.value.src_identity = 2;

@@ -66,6 +66,9 @@ const _: () = assert!(core::mem::size_of::<FlowValue>() == 72);
 /// packet). Its verdict was computed as for an opening packet; a later SYN without ACK on
 /// the tuple (either way round) is judged afresh as a new flow instead of joining it.
 pub const FLOW_F_MIDSTREAM: u8 = 1 << 0;
+/// [`FlowValue::flags`]: a kubelet probe (`--node-traffic probes`) opened the flow; when
+/// the endpoint's policy changes it is judged again as a probe (only a DENY cuts it).
+pub const FLOW_F_PROBE: u8 = 1 << 1;
 
 /// [`FlowEvent::kind`].
 pub const FLOW_EVENT_NEW: u8 = 1;

@@ -63,8 +63,8 @@ use aya_ebpf::{
 };
 use mycel_common::{
     flow::{
-        FLOW_EVENT_CLOSED, FLOW_EVENT_DROP, FLOW_EVENT_NEW, FLOW_F_MIDSTREAM, FlowEvent, FlowKey,
-        FlowValue,
+        FLOW_EVENT_CLOSED, FLOW_EVENT_DROP, FLOW_EVENT_NEW, FLOW_F_MIDSTREAM, FLOW_F_PROBE,
+        FlowEvent, FlowKey, FlowValue,
     },
     mesh::MESH_HBONE_PORT,
     policy::{
@@ -554,7 +554,9 @@ fn track(ctx: &TcContext, ifindex: u32, ep: &EndpointInfo, pkt: &Packet, pkt_dir
     if v.policy_revision != ep.policy_revision {
         // A flow first seen mid-stream is judged again as it was then: as an opening.
         let opening = (is_fwd && syn_only) || v.flags & FLOW_F_MIDSTREAM != 0;
-        let (verdict, reason, policy_id, peer) = evaluate(ctx, ep, &key, opening, false);
+        let was_probe = v.flags & FLOW_F_PROBE != 0;
+        let (verdict, reason, policy_id, peer, _) =
+            evaluate(ctx, ep, &key, opening, false, was_probe);
         let newly_denied = verdict == VERDICT_DENY && v.verdict != VERDICT_DENY;
         v.verdict = verdict;
         v.drop_reason = reason;
@@ -656,9 +658,10 @@ fn is_probe(ctx: &TcContext) -> bool {
 }
 
 /// Evaluates policy for a flow with key `key` at endpoint `ep`: (verdict, drop reason,
-/// policy id, the peer's identity). `opening`: the packet opens the flow (a new flow of
-/// any protocol, or a TCP SYN without ACK), which mode STRICT refuses; `icmp_error`: an
-/// ICMP error, which STRICT lets through.
+/// policy id, the peer's identity, whether it passed as a kubelet probe). `opening`: the
+/// packet opens the flow (a new flow of any protocol, or a TCP SYN without ACK), which
+/// mode STRICT refuses; `icmp_error`: an ICMP error, which STRICT lets through;
+/// `was_probe`: the flow is one a probe opened.
 #[inline(always)]
 fn evaluate(
     ctx: &TcContext,
@@ -666,7 +669,8 @@ fn evaluate(
     key: &FlowKey,
     opening: bool,
     icmp_error: bool,
-) -> (u8, u8, u32, u32) {
+    was_probe: bool,
+) -> (u8, u8, u32, u32, bool) {
     // The peer: the initiator for ingress flows, the responder for egress ones.
     let peer_addr = if key.direction == DIR_INGRESS {
         key.saddr_be
@@ -675,22 +679,21 @@ fn evaluate(
     };
     let peer = peer_identity(&peer_addr);
     if key.direction != DIR_INGRESS {
-        return (VERDICT_ALLOW, DROP_REASON_NONE, 0, peer);
+        return (VERDICT_ALLOW, DROP_REASON_NONE, 0, peer, false);
     }
     let hbone = key.proto == PROTO_TCP && key.dport_be == MESH_HBONE_PORT.to_be();
     if hbone && ep.flags & ENDPOINT_F_MESH != 0 {
-        return (VERDICT_ALLOW, DROP_REASON_NONE, 0, peer);
+        return (VERDICT_ALLOW, DROP_REASON_NONE, 0, peer, false);
     }
-    let probe = opening
-        && key.proto == PROTO_TCP
+    let probe = key.proto == PROTO_TCP
         && peer == IDENTITY_HOST
         && ep.flags & ENDPOINT_F_NODE_PROBES != 0
-        && is_probe(ctx);
+        && (was_probe || (opening && is_probe(ctx)));
     let node_exempt = peer == IDENTITY_HOST && ep.flags & ENDPOINT_F_NODE_ALL != 0;
     if opening && ep.flags & ENDPOINT_F_MESH_STRICT != 0 && !icmp_error && !probe && !node_exempt {
         // Counted once per refused flow: its retransmissions hit the flow's cached verdict.
         count(STAT_MESH_STRICT_DROPPED);
-        return (VERDICT_DENY, DROP_REASON_MTLS_STRICT, 0, peer);
+        return (VERDICT_DENY, DROP_REASON_MTLS_STRICT, 0, peer, false);
     }
     let mut pk = PolicyKey {
         endpoint_id: ep.endpoint_id,
@@ -733,10 +736,12 @@ fn evaluate(
     };
     if probe && reason != DROP_REASON_POLICY_DENY {
         // A probe passes unless a DENY policy names the node.
-        count(STAT_TC_PROBE_EXEMPTED);
-        return (VERDICT_ALLOW, DROP_REASON_NONE, 0, peer);
+        if !was_probe {
+            count(STAT_TC_PROBE_EXEMPTED);
+        }
+        return (VERDICT_ALLOW, DROP_REASON_NONE, 0, peer, true);
     }
-    (verdict, reason, policy_id, peer)
+    (verdict, reason, policy_id, peer, false)
 }
 
 #[inline(always)]
@@ -791,8 +796,12 @@ fn new_flow(
     now: u64,
 ) -> i32 {
     // Every packet without a flow is judged as an opening one, whatever its TCP flags.
-    let (verdict, drop_reason, policy_id, peer) = evaluate(ctx, ep, key, true, pkt.icmp_error);
+    let (verdict, drop_reason, policy_id, peer, probe) =
+        evaluate(ctx, ep, key, true, pkt.icmp_error, false);
     let mut v = flow_value(ep, pkt, now, verdict, drop_reason, policy_id);
+    if probe {
+        v.flags |= FLOW_F_PROBE;
+    }
     set_identities(&mut v, ep, key, peer);
     if pkt.icmp_error {
         // An error opens no flow: caching its verdict under the ICMP tuple (ports 0)
