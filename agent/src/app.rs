@@ -4,12 +4,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    path::{Path, PathBuf},
     sync::{Arc, RwLock, atomic::Ordering},
     time::Duration,
 };
 
 use mycel_common::policy::{
-    ENDPOINT_F_ENFORCE, ENDPOINT_F_MESH, ENDPOINT_F_MESH_STRICT, EndpointInfo, IDENTITY_HOST,
+    ENDPOINT_F_ENFORCE, ENDPOINT_F_MESH, ENDPOINT_F_MESH_STRICT, ENDPOINT_F_NODE_ALL,
+    ENDPOINT_F_NODE_PROBES, EndpointInfo, IDENTITY_HOST, NodeConfig,
 };
 
 use anyhow::Context as _;
@@ -31,7 +33,10 @@ use crate::{
         file::FileSource,
         k8s::{self, KubeConfig, KubeSource},
     },
-    state::{EndpointPolicy, ObjectRef, PolicySettings, State, Update, mesh::MtlsMode},
+    state::{
+        EndpointPolicy, ObjectRef, PolicySettings, State, Update, mesh::MtlsMode,
+        policy::NodeTraffic,
+    },
 };
 
 /// The source in use; dropping it stops it.
@@ -124,9 +129,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "took over pinned maps from a previous agent; they keep routing until the first sync"
         );
     }
+    // Policies judge the node by the addresses it has at start; addresses it gains later
+    // are the host identity in the kernel too (see `sync_policy`), judged by the policies'
+    // entries for the host.
     let policy_settings = PolicySettings {
         trust_domain: cfg.trust_domain.clone(),
+        node_traffic: cfg.node_traffic,
+        host_addresses: host_addresses().into_iter().collect(),
         ..PolicySettings::default()
+    };
+    // The pods' cgroup: a locally sent packet whose socket is outside it is a kubelet probe.
+    let pods_cgroup = pods_cgroup(&cfg.cgroup);
+    let pods_cgroup_id = match std::fs::metadata(&pods_cgroup) {
+        Ok(m) => {
+            info!(cgroup = %pods_cgroup.display(), node_traffic = ?cfg.node_traffic, "the pods' cgroup: node processes outside it may send kubelet probes");
+            std::os::unix::fs::MetadataExt::ino(&m)
+        }
+        Err(e) => {
+            warn!(cgroup = %pods_cgroup.display(), "cannot read the pods' cgroup id: {e}; no traffic is taken for a kubelet probe");
+            0
+        }
     };
     let (_source, mut events) = match &cfg.source {
         SourceConfig::File(dir) => {
@@ -176,6 +198,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         flow_events_dropped: 0,
         owners_published: Default::default(),
         mesh,
+        node_traffic: cfg.node_traffic,
+        pods_cgroup_id,
     };
     agent.publish();
 
@@ -283,6 +307,10 @@ struct Agent {
     flow_events_dropped: u64,
     /// The owners version last published for `/debug/services`.
     owners_published: std::cell::Cell<Option<u64>>,
+    /// `--node-traffic`.
+    node_traffic: NodeTraffic,
+    /// cgroup id of `--cgroup`, for the TC programs' kubelet probe test (0: unknown).
+    pods_cgroup_id: u64,
 }
 
 /// ifindexes with pinned TC links under the agent's bpffs directory (an earlier agent's
@@ -316,9 +344,26 @@ fn host_addresses() -> BTreeSet<IpAddr> {
         .collect()
 }
 
+/// Where the pods live: kubelet's `kubepods.slice` (systemd cgroup driver) or `kubepods`
+/// (cgroupfs driver) below `--cgroup` when there is one (the manifests give the agent the
+/// cgroup2 root, so that host processes are load-balanced too), else `--cgroup` itself.
+/// A cgroup v2 id is the directory's inode number.
+fn pods_cgroup(cgroup: &Path) -> PathBuf {
+    ["kubepods.slice", "kubepods"]
+        .iter()
+        .map(|name| cgroup.join(name))
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| cgroup.to_path_buf())
+}
+
 /// `ENDPOINTS` flags of a local workload.
-fn endpoint_flags(enforce: bool, mesh: Option<MtlsMode>) -> u32 {
+fn endpoint_flags(enforce: bool, mesh: Option<MtlsMode>, node: NodeTraffic) -> u32 {
     let mut flags = if enforce { ENDPOINT_F_ENFORCE } else { 0 };
+    flags |= match node {
+        NodeTraffic::All => ENDPOINT_F_NODE_ALL,
+        NodeTraffic::Probes => ENDPOINT_F_NODE_PROBES,
+        NodeTraffic::None => 0,
+    };
     match mesh {
         Some(MtlsMode::Strict) => flags |= ENDPOINT_F_MESH | ENDPOINT_F_MESH_STRICT,
         Some(MtlsMode::Permissive) => flags |= ENDPOINT_F_MESH,
@@ -433,6 +478,11 @@ impl Agent {
             }
         }
 
+        let addresses: BTreeMap<&ObjectRef, &[IpAddr]> = self
+            .state
+            .workloads()
+            .map(|w| (&w.meta.id, w.addresses.as_slice()))
+            .collect();
         let mut content = PolicyContent::default();
         let mut pending = BTreeSet::new();
         for (interface, ep) in &wanted {
@@ -460,17 +510,29 @@ impl Agent {
                 EndpointInfo {
                     endpoint_id: ep.endpoint_id,
                     identity: ep.identity,
-                    flags: endpoint_flags(ep.enforce, self.state.mesh_mode_of(&ep.workload)),
+                    flags: endpoint_flags(
+                        ep.enforce,
+                        self.state.mesh_mode_of(&ep.workload),
+                        self.node_traffic,
+                    ),
                     policy_revision: 0,
                 },
             );
+            // What the workload may send from (anti-spoofing).
+            for &a in addresses.get(&ep.workload).copied().unwrap_or_default() {
+                content.sources.insert(a, ifindex);
+            }
             content
                 .policy
                 .extend(ep.entries.iter().map(|(k, v)| (*k, *v)));
         }
         self.tc_pending = pending;
+        content.node = NodeConfig {
+            pods_cgroup_id: self.pods_cgroup_id,
+        };
         content.ipcache = policy.ipcache().clone();
-        // The node's own addresses are the host identity (kubelet probes, node processes).
+        // The node's own addresses are the host identity; the model has those it had at
+        // start, this adds any it gained since.
         for ip in host_addresses() {
             content
                 .ipcache

@@ -13,7 +13,7 @@ use std::{
 use mycel_common::service::MAX_SERVICES;
 use serde::Serialize;
 
-use crate::{datapath::MapSizes, flows};
+use crate::{datapath::MapSizes, flows, state::policy::NodeTraffic};
 
 /// Where pinned maps and links live by default.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/mycel";
@@ -111,6 +111,15 @@ pub struct Config {
     pub drain_grace: std::time::Duration,
     /// `--access-log` / `MYCEL_ACCESS_LOG`: log one line per proxied connection.
     pub access_log: bool,
+    /// `--node-traffic` / `MYCEL_NODE_TRAFFIC`: what traffic from the node's own
+    /// addresses is exempt from policy and mode STRICT. `probes` (the default): kubelet
+    /// probes only (TCP from a node process outside the pods' cgroup `--cgroup`); `all`:
+    /// everything from a node address, hostNetwork pods and SNAT'd traffic included (the
+    /// behaviour of earlier versions); `none`: nothing, the node is a peer like any other.
+    /// Under `probes` and `none`, policies judge the node by its addresses (ipBlocks), and
+    /// under every setting an explicit DENY naming a node address applies (also to
+    /// probes under `probes`; under `all` it does not).
+    pub node_traffic: NodeTraffic,
 }
 
 /// Most recent flows `--flow-buffer` may keep.
@@ -203,7 +212,15 @@ pub struct Args {
     /// Log one line per proxied connection (source, destination, identities, bytes).
     #[arg(long, env = "MYCEL_ACCESS_LOG")]
     pub access_log: bool,
+    /// Traffic from the node exempt from policy and mTLS STRICT: `probes` (kubelet probes:
+    /// TCP from node processes outside the pods' cgroup), `all` (everything from a node
+    /// address), `none`.
+    #[arg(long, env = "MYCEL_NODE_TRAFFIC", default_value = DEFAULT_NODE_TRAFFIC)]
+    pub node_traffic: String,
 }
+
+/// Default of `--node-traffic`.
+pub const DEFAULT_NODE_TRAFFIC: &str = "probes";
 
 /// An invalid setting.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -294,6 +311,13 @@ impl Config {
             cert_lifetime: duration("--cert-lifetime", &args.cert_lifetime, 2)?,
             drain_grace: duration("--drain-grace", &args.drain_grace, 0)?,
             access_log: args.access_log,
+            node_traffic: NodeTraffic::parse(&args.node_traffic).ok_or_else(|| {
+                invalid(
+                    "--node-traffic",
+                    &args.node_traffic,
+                    "expected probes, all or none",
+                )
+            })?,
         })
     }
 }
@@ -508,7 +532,26 @@ mod tests {
             cert_lifetime: "24h".into(),
             drain_grace: DEFAULT_DRAIN_GRACE.into(),
             access_log: false,
+            node_traffic: DEFAULT_NODE_TRAFFIC.into(),
         }
+    }
+
+    #[test]
+    fn node_traffic_setting() {
+        let with = |v: &str| {
+            let mut a = args();
+            a.node_traffic = v.into();
+            Config::from_args(&a, MOUNTS)
+        };
+        assert_eq!(
+            Config::from_args(&args(), MOUNTS).unwrap().node_traffic,
+            NodeTraffic::Probes
+        );
+        assert_eq!(with("all").unwrap().node_traffic, NodeTraffic::All);
+        assert_eq!(with("none").unwrap().node_traffic, NodeTraffic::None);
+        let e = with("kubelet").unwrap_err();
+        assert_eq!(e.setting, "--node-traffic");
+        assert!(e.to_string().contains("probes, all or none"), "{e}");
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub use mesh::{
     MESH_F_ENROLLED, MESH_F_STRICT, MeshContent, MeshDest, MeshMaps, MeshSource, MeshStats,
     OrigDst, OrigDstError, OrigDstTable, decode_orig_dst, mesh_addr,
 };
-pub use policy::{IpPrefix, PolicyApplyStats, PolicyContent, PolicyMaps, ipcache_key};
+pub use policy::{IpPrefix, PolicyApplyStats, PolicyContent, PolicyMaps, addr_words, ipcache_key};
 pub use programs::{AttachedProgram, KernelFeature, PROGRAMS, ProgramStatus, SOCK_OPS};
 pub use services::{ApplyStats, MapBackend, MapService, ServiceMaps, dump_pinned};
 pub use tc::{TC_PROGRAMS, TCX_FEATURE, TcAttachment, TcMode, ifindex_of, interface_name};

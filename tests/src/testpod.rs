@@ -114,3 +114,21 @@ pub struct HoldEvent {
     /// When, in microseconds since the Unix epoch.
     pub at_us: u64,
 }
+
+/// What `mycel-testpod raw-send` printed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawReport {
+    /// Packets sent.
+    pub sent: u32,
+    /// TCP packets that arrived for the watched port, in order.
+    pub tcp_replies: Vec<RawTcpReply>,
+}
+
+/// One TCP packet `raw-send` saw arrive.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawTcpReply {
+    /// Its source, `ip:port`.
+    pub from: String,
+    /// Its TCP flags byte.
+    pub flags: u8,
+}

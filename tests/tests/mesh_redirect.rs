@@ -31,7 +31,8 @@ use mycel_common::{
     mesh::MESH_OUTBOUND_PORT,
     policy::{
         DIR_INGRESS, DROP_REASON_MTLS_STRICT, ENDPOINT_F_ENFORCE, ENDPOINT_F_MESH,
-        ENDPOINT_F_MESH_STRICT, EndpointInfo, IDENTITY_HOST, VERDICT_DENY,
+        ENDPOINT_F_MESH_STRICT, ENDPOINT_F_NODE_PROBES, EndpointInfo, IDENTITY_HOST, NodeConfig,
+        VERDICT_DENY,
     },
     service::v4_mapped,
 };
@@ -238,6 +239,13 @@ fn answered(report: &ClientReport, what: &str) -> (String, String, String) {
     }
 }
 
+/// The cgroup v2 id of a cgroup directory: its inode number.
+fn cgroup_id(dir: &std::path::Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())),
+    )
+}
+
 fn counter(node: &Node, name: &str) -> u64 {
     KernelCounters::new(&node.bpffs)
         .read()
@@ -404,7 +412,7 @@ fn traffic_outside_the_mesh_and_the_proxy_itself_go_straight() {
 }
 
 #[test]
-fn strict_drops_plaintext_but_not_hbone_or_the_node() {
+fn strict_drops_plaintext_but_not_hbone_or_kubelet_probes() {
     require_root!();
     let Mesh {
         node,
@@ -435,9 +443,15 @@ fn strict_drops_plaintext_but_not_hbone_or_the_node() {
         ]),
         endpoints: BTreeMap::from([(
             attachment.ifindex,
-            endpoint(ENDPOINT_F_MESH | ENDPOINT_F_MESH_STRICT),
+            endpoint(ENDPOINT_F_MESH | ENDPOINT_F_MESH_STRICT | ENDPOINT_F_NODE_PROBES),
         )]),
         policy: BTreeMap::new(),
+        sources: BTreeMap::from([(b.ipv4.into(), attachment.ifindex)]),
+        // Processes the test starts on the node run outside the node's pods' cgroup: the
+        // kubelet's place.
+        node: NodeConfig {
+            pods_cgroup_id: cgroup_id(&node.cgroup),
+        },
     };
     dp.policy.apply(&content).expect("apply policy");
     let to_app = SocketAddr::from((b.ipv4, APP_PORT));
@@ -474,6 +488,24 @@ fn strict_drops_plaintext_but_not_hbone_or_the_node() {
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("report ({e}): {stdout}"));
     assert_eq!(answered(&report, "node → b").0, "b");
     assert_eq!(counter(&node, "mesh_strict_dropped"), 1);
+    // A node process inside the pods' cgroup (a hostNetwork pod) is no probe.
+    let host_pod = node.cgroup.join("hostnetwork-pod");
+    std::fs::create_dir(&host_pod).expect("hostNetwork pod cgroup");
+    let mut host_net = mycel_tests::Proc::spawn(
+        Some(&node.netns),
+        Some(&host_pod),
+        env::testpod_bin(),
+        &client_args(to_app, DROPPED_TIMEOUT_MS),
+    );
+    let (_, stdout, _) = host_net.wait_output(Duration::from_secs(10));
+    let report: ClientReport =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("report ({e}): {stdout}"));
+    assert!(
+        report.results.iter().all(|r| r.answer.is_none()),
+        "a hostNetwork pod passed STRICT: {}",
+        report.summary()
+    );
+    assert_eq!(counter(&node, "mesh_strict_dropped"), 2);
 
     // HBONE skips L3/L4 policy: with a default deny and no rule, 15008 still passes.
     content.endpoints = BTreeMap::from([(
@@ -495,7 +527,7 @@ fn strict_drops_plaintext_but_not_hbone_or_the_node() {
     dp.policy.apply(&content).expect("apply permissive");
     let report = c.tcp_client_with(to_app, 1, &["--timeout-ms", CLIENT_TIMEOUT_MS]);
     assert_eq!(answered(&report, "c → b permissive").0, "b");
-    assert_eq!(counter(&node, "mesh_strict_dropped"), 1);
+    assert_eq!(counter(&node, "mesh_strict_dropped"), 2);
 
     // Without the mesh flag, 15008 is an ordinary port again: the default deny drops it.
     content.endpoints = BTreeMap::from([(attachment.ifindex, endpoint(ENDPOINT_F_ENFORCE))]);

@@ -184,7 +184,8 @@ pub fn parse(b: &[u8]) -> Option<FlowEvent> {
         closed: u8_at(v + 63)?,
         policy_id: u32_at(v + 64)?,
         fin_seen: u8_at(v + 68)?,
-        _pad: [0; 3],
+        flags: u8_at(v + 69)?,
+        _pad: [0; 2],
     };
     Some(FlowEvent {
         key,

@@ -11,15 +11,21 @@
 //! The writer owns the revisions: [`EndpointInfo::policy_revision`] in the desired content
 //! is ignored. An endpoint's revision is bumped when its info or any of its POLICY entries
 //! changed, and every endpoint's when IPCACHE changed (a peer's identity may have moved).
+//!
+//! SOURCES (what each workload may send from) is written before ENDPOINTS and loses stale
+//! entries after it: a workload's packets are checked only once its ENDPOINTS entry exists,
+//! and by then its addresses are there. NODE_CONFIG is written first.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, lpm_trie::Key, lpm_trie::LpmTrie};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, lpm_trie::Key, lpm_trie::LpmTrie};
 use mycel_common::{
-    policy::{EndpointInfo, IpcacheAddr, IpcacheValue, PolicyKey, PolicyValue},
+    policy::{
+        EndpointInfo, IpcacheAddr, IpcacheValue, NodeConfig, PolicyKey, PolicyValue, SourceAddr,
+    },
     service::v4_mapped,
 };
 use serde::Serialize;
@@ -30,6 +36,8 @@ use super::{Error, full_or, remove_ok};
 const IPCACHE: &str = "IPCACHE";
 const ENDPOINTS: &str = "ENDPOINTS";
 const POLICY: &str = "POLICY";
+const SOURCES: &str = "SOURCES";
+const NODE_CONFIG: &str = "NODE_CONFIG";
 
 /// An IPCACHE prefix: an address and its prefix length (≤ 32 for IPv4, ≤ 128 for IPv6).
 pub type IpPrefix = (IpAddr, u8);
@@ -44,6 +52,11 @@ pub struct PolicyContent {
     pub endpoints: BTreeMap<u32, EndpointInfo>,
     /// Compiled policy entries.
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
+    /// Every address of every local workload → the ifindex of its host-side interface:
+    /// the only sources its packets may have (anti-spoofing).
+    pub sources: BTreeMap<IpAddr, u32>,
+    /// Node-wide settings.
+    pub node: NodeConfig,
 }
 
 /// Counts of one [`PolicyMaps::apply`].
@@ -55,6 +68,8 @@ pub struct PolicyApplyStats {
     pub policy_deletes: usize,
     pub endpoint_writes: usize,
     pub endpoint_deletes: usize,
+    pub source_writes: usize,
+    pub source_deletes: usize,
     /// Endpoints whose revision was bumped (their flows are evaluated again).
     pub revisions_bumped: usize,
 }
@@ -65,11 +80,37 @@ pub struct PolicyMaps {
     ipcache: LpmTrie<MapData, IpcacheAddr, IpcacheValue>,
     endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
     policy: BpfHashMap<MapData, PolicyKey, PolicyValue>,
+    sources: BpfHashMap<MapData, SourceAddr, u32>,
+    node: NodeConfigMap,
     /// What the maps hold, keyed as the kernel sees it (prefix length in bits over the
     /// v4-mapped address).
     held_ipcache: BTreeMap<(u32, IpcacheAddr), u32>,
     held_endpoints: BTreeMap<u32, EndpointInfo>,
     held_policy: BTreeMap<PolicyKey, PolicyValue>,
+    held_sources: BTreeMap<SourceAddr, u32>,
+    held_node: NodeConfig,
+}
+
+/// NODE_CONFIG (aya's `Array` is not `Debug`).
+struct NodeConfigMap(Array<MapData, NodeConfig>);
+
+impl std::fmt::Debug for NodeConfigMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(NODE_CONFIG)
+    }
+}
+
+/// An address as the kernel keys it: 16 bytes in network order, IPv4 mapped.
+pub fn addr_words(addr: IpAddr) -> [u32; 4] {
+    match addr {
+        IpAddr::V4(a) => v4_mapped(u32::from_ne_bytes(a.octets())),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            std::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        }
+    }
 }
 
 /// Converts a prefix to the IPCACHE key: v4-mapped, prefix length over 128 bits, host
@@ -108,13 +149,21 @@ impl PolicyMaps {
         let endpoints =
             BpfHashMap::try_from(take(ENDPOINTS)?).map_err(|e| Error::map(ENDPOINTS, e))?;
         let policy = BpfHashMap::try_from(take(POLICY)?).map_err(|e| Error::map(POLICY, e))?;
+        let sources = BpfHashMap::try_from(take(SOURCES)?).map_err(|e| Error::map(SOURCES, e))?;
+        let node = NodeConfigMap(
+            Array::try_from(take(NODE_CONFIG)?).map_err(|e| Error::map(NODE_CONFIG, e))?,
+        );
         let mut maps = Self {
             ipcache,
             endpoints,
             policy,
+            sources,
+            node,
             held_ipcache: BTreeMap::new(),
             held_endpoints: BTreeMap::new(),
             held_policy: BTreeMap::new(),
+            held_sources: BTreeMap::new(),
+            held_node: NodeConfig::default(),
         };
         maps.read_back()?;
         Ok(maps)
@@ -134,6 +183,15 @@ impl PolicyMaps {
             let (k, v) = entry.map_err(|e| Error::map(POLICY, e))?;
             self.held_policy.insert(k, v);
         }
+        for entry in self.sources.iter() {
+            let (k, v) = entry.map_err(|e| Error::map(SOURCES, e))?;
+            self.held_sources.insert(k, v);
+        }
+        self.held_node = self
+            .node
+            .0
+            .get(&0, 0)
+            .map_err(|e| Error::map(NODE_CONFIG, e))?;
         debug!(
             ipcache = self.held_ipcache.len(),
             endpoints = self.held_endpoints.len(),
@@ -159,6 +217,31 @@ impl PolicyMaps {
     /// writes what is still missing.
     pub fn apply(&mut self, desired: &PolicyContent) -> Result<PolicyApplyStats, Error> {
         let mut stats = PolicyApplyStats::default();
+
+        if desired.node != self.held_node {
+            self.node
+                .0
+                .set(0, desired.node, 0)
+                .map_err(|e| Error::map(NODE_CONFIG, e))?;
+            self.held_node = desired.node;
+        }
+
+        // SOURCES: new and moved addresses now; stale ones once ENDPOINTS is written.
+        let want_sources: BTreeMap<SourceAddr, u32> = desired
+            .sources
+            .iter()
+            .map(|(a, i)| (addr_words(*a), *i))
+            .collect();
+        for (addr, &ifindex) in &want_sources {
+            if self.held_sources.get(addr) == Some(&ifindex) {
+                continue;
+            }
+            self.sources
+                .insert(addr, ifindex, 0)
+                .map_err(|e| full_or(SOURCES, e, || format!("ifindex {ifindex}")))?;
+            self.held_sources.insert(*addr, ifindex);
+            stats.source_writes += 1;
+        }
 
         // IPCACHE.
         let mut want_ipcache = BTreeMap::new();
@@ -252,6 +335,17 @@ impl PolicyMaps {
             remove_ok(self.endpoints.remove(&ifindex), ENDPOINTS)?;
             self.held_endpoints.remove(&ifindex);
             stats.endpoint_deletes += 1;
+        }
+        let stale: Vec<SourceAddr> = self
+            .held_sources
+            .keys()
+            .filter(|k| !want_sources.contains_key(*k))
+            .copied()
+            .collect();
+        for addr in stale {
+            remove_ok(self.sources.remove(&addr), SOURCES)?;
+            self.held_sources.remove(&addr);
+            stats.source_deletes += 1;
         }
         Ok(stats)
     }

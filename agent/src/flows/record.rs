@@ -10,8 +10,10 @@ use std::{
 use mycel_common::{
     flow::{FLOW_EVENT_CLOSED, FLOW_EVENT_DROP, FLOW_EVENT_NEW, FlowEvent},
     policy::{
-        DIR_INGRESS, DROP_REASON_MTLS_STRICT, DROP_REASON_NONE, DROP_REASON_POLICY_DEFAULT_DENY,
-        DROP_REASON_POLICY_DENY, IDENTITY_HOST, VERDICT_DENY,
+        DIR_INGRESS, DROP_REASON_INVALID_IPV6_EXTENSION_HEADER, DROP_REASON_INVALID_L4_HEADER,
+        DROP_REASON_INVALID_PACKET, DROP_REASON_INVALID_SOURCE_IP, DROP_REASON_MTLS_STRICT,
+        DROP_REASON_NONE, DROP_REASON_POLICY_DEFAULT_DENY, DROP_REASON_POLICY_DENY, IDENTITY_HOST,
+        VERDICT_DENY,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -161,6 +163,15 @@ pub fn drop_reason_name(reason: u8) -> Cow<'static, str> {
         // Cilium's DROP_POLICY_AUTH_REQUIRED ("Authentication required"): the workload
         // accepts only mutually authenticated traffic and this was plaintext.
         DROP_REASON_MTLS_STRICT => "AUTH_REQUIRED".into(),
+        // Cilium's DROP_INVALID_SIP ("Invalid source ip"): anti-spoofing.
+        DROP_REASON_INVALID_SOURCE_IP => "INVALID_SOURCE_IP".into(),
+        // Cilium's DROP_INVALID ("Invalid packet"): a broken IP header, or a TCP fragment
+        // overlapping the TCP header.
+        DROP_REASON_INVALID_PACKET => "INVALID_PACKET_DROPPED".into(),
+        // Cilium's DROP_CT_INVALID_HDR ("CT: Truncated or invalid header").
+        DROP_REASON_INVALID_L4_HEADER => "CT_TRUNCATED_OR_INVALID_HEADER".into(),
+        // Cilium's DROP_INVALID_EXTHDR ("Invalid IPv6 extension header").
+        DROP_REASON_INVALID_IPV6_EXTENSION_HEADER => "INVALID_IPV6_EXTENSION_HEADER".into(),
         n => Cow::Owned(format!("UNKNOWN_{n}")),
     }
 }
@@ -363,7 +374,8 @@ pub(crate) mod tests {
                 closed: u8::from(kind == FLOW_EVENT_CLOSED),
                 policy_id: 0,
                 fin_seen: 0,
-                _pad: [0; 3],
+                flags: 0,
+                _pad: [0; 2],
             },
             kind,
             direction: DIR_INGRESS,
@@ -490,6 +502,25 @@ pub(crate) mod tests {
         assert_eq!(json["destination"]["address"], "10.0.0.2:8080");
         let back: Flow = serde_json::from_value(json).unwrap();
         assert_eq!(back, f);
+    }
+
+    #[test]
+    fn packet_drop_reasons_have_hubble_names() {
+        for (reason, name) in [
+            (DROP_REASON_INVALID_SOURCE_IP, "INVALID_SOURCE_IP"),
+            (DROP_REASON_INVALID_PACKET, "INVALID_PACKET_DROPPED"),
+            (
+                DROP_REASON_INVALID_L4_HEADER,
+                "CT_TRUNCATED_OR_INVALID_HEADER",
+            ),
+            (
+                DROP_REASON_INVALID_IPV6_EXTENSION_HEADER,
+                "INVALID_IPV6_EXTENSION_HEADER",
+            ),
+            (DROP_REASON_MTLS_STRICT, "AUTH_REQUIRED"),
+        ] {
+            assert_eq!(drop_reason_name(reason), name);
+        }
     }
 
     #[test]

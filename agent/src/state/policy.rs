@@ -31,8 +31,15 @@
 //! the `ipBlocks` of a DENY policy but not of an ALLOW policy, and is excluded by the
 //! `notIpBlocks` of an ALLOW policy but not of a DENY policy.
 //!
-//! The node itself ([`IDENTITY_HOST`]) is always allowed, whatever the policies, as kubelet
-//! probes must reach workloads (Istio ambient lets them through on a path of their own).
+//! The node itself ([`IDENTITY_HOST`]: every address of the node, which the ipcache maps
+//! to it whatever workload or CIDR also names it) is judged by [`NodeTraffic`]. Under
+//! `probes` (the default) and `none` it is a peer like any other, known by its addresses:
+//! an ipBlock holding all of them matches it, principals, namespaces and service accounts
+//! never do; so a DENY whose ipBlock holds the node's addresses denies node traffic and,
+//! when an ALLOW selects a workload, node traffic that no ALLOW matches is denied. The
+//! kernel then lets kubelet probes through under `probes` unless a DENY decided (see the
+//! TC programs). Under `all` the node is always allowed, whatever the policies, as it was
+//! before the setting existed.
 //! Policies govern traffic *to* a workload (ingress); there are no egress entries.
 //!
 //! # Compilation: constant per-packet cost
@@ -79,6 +86,33 @@ pub const PROTO_TCP: u8 = 6;
 /// See [`PROTO_TCP`].
 pub const PROTO_UDP: u8 = 17;
 
+/// Which traffic from the node's own addresses is exempt from policy and mode STRICT.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeTraffic {
+    /// Only kubelet probes: TCP connections opened by a node process outside the pods'
+    /// cgroup. Other node traffic (hostNetwork pods, anything SNAT'd to a node address)
+    /// is judged like any peer's. A DENY naming the node applies to probes too.
+    #[default]
+    Probes,
+    /// Everything from a node address is allowed and exempt from STRICT.
+    All,
+    /// Nothing: the node is a peer like any other.
+    None,
+}
+
+impl NodeTraffic {
+    /// `probes`, `all` or `none`.
+    pub fn parse(text: &str) -> Option<NodeTraffic> {
+        match text {
+            "probes" => Some(NodeTraffic::Probes),
+            "all" => Some(NodeTraffic::All),
+            "none" => Some(NodeTraffic::None),
+            _ => None,
+        }
+    }
+}
+
 /// Settings of the policy model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PolicySettings {
@@ -86,6 +120,10 @@ pub struct PolicySettings {
     pub trust_domain: String,
     /// Namespace whose policies apply in every namespace.
     pub root_namespace: String,
+    /// What node traffic is exempt.
+    pub node_traffic: NodeTraffic,
+    /// The node's own addresses: the host identity's, which policies' ipBlocks judge.
+    pub host_addresses: Vec<IpAddr>,
 }
 
 impl Default for PolicySettings {
@@ -93,6 +131,8 @@ impl Default for PolicySettings {
         PolicySettings {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             root_namespace: ROOT_NAMESPACE.to_owned(),
+            node_traffic: NodeTraffic::default(),
+            host_addresses: Vec::new(),
         }
     }
 }
@@ -406,6 +446,28 @@ pub(crate) enum PeerKind<'a> {
         addresses: &'a [IpAddr],
     },
     Cidr(Cidr),
+    /// The node, by its addresses.
+    Host {
+        addresses: &'a [IpAddr],
+    },
+}
+
+/// Every peer policies judge: [`universe`], and the node unless [`NodeTraffic::All`]
+/// exempts it.
+pub(crate) fn peers<'a>(
+    identities: &'a BTreeMap<u32, IdentityInfo>,
+    settings: &'a PolicySettings,
+) -> Vec<Peer<'a>> {
+    let mut peers = universe(identities, &settings.trust_domain);
+    if settings.node_traffic != NodeTraffic::All {
+        peers.push(Peer {
+            identity: IDENTITY_HOST,
+            kind: PeerKind::Host {
+                addresses: &settings.host_addresses,
+            },
+        });
+    }
+    peers
 }
 
 /// The peers the kernel can tell apart (besides the host): world, then every identity.
@@ -457,7 +519,7 @@ fn inside(peer: &Peer<'_>, blocks: &[Cidr]) -> Inside {
                 Inside::None
             }
         }
-        PeerKind::Workload { addresses, .. } => {
+        PeerKind::Workload { addresses, .. } | PeerKind::Host { addresses } => {
             let count = addresses
                 .iter()
                 .filter(|a| blocks.iter().any(|b| b.contains(**a)))
@@ -735,11 +797,18 @@ impl Compiler {
                 .entry((cidr.addr(), cidr.prefix()))
                 .or_insert(id);
         }
+        // The node's addresses are the host, whatever else names them (a hostNetwork pod
+        // has the node's address; a /32 ipBlock may name it): policies judge the host by
+        // them.
+        for &a in &settings.host_addresses {
+            state.ipcache.insert((a, bits(a)), IDENTITY_HOST);
+        }
         for (policy, id) in self.policies.iter() {
             state.policies.insert(id, policy.clone());
         }
 
-        let peers = universe(&state.identities, &settings.trust_domain);
+        let peers = peers(&state.identities, settings);
+        let host_allowed = settings.node_traffic == NodeTraffic::All;
         let compiled: Vec<CompiledPolicy<'_>> = policies
             .iter()
             .map(|(id, p)| CompiledPolicy {
@@ -776,7 +845,7 @@ impl Compiler {
             let group = groups
                 .entry(selecting)
                 .or_insert_with_key(|selecting| {
-                    Rc::new(compile_group(&compiled, selecting, &peers))
+                    Rc::new(compile_group(&compiled, selecting, &peers, host_allowed))
                 })
                 .clone();
             let (Some(endpoint_id), Some(interface)) =
@@ -825,10 +894,13 @@ impl Compiler {
 }
 
 /// The entries of an endpoint selected by the policies `selecting` (indexes in `compiled`).
+/// `host_allowed`: the node is always allowed ([`NodeTraffic::All`]; it is then not among
+/// `peers`).
 fn compile_group(
     compiled: &[CompiledPolicy<'_>],
     selecting: &[usize],
     peers: &[Peer<'_>],
+    host_allowed: bool,
 ) -> GroupEntries {
     let n = peers.len();
     let policies: Vec<&CompiledPolicy<'_>> =
@@ -840,7 +912,7 @@ fn compile_group(
         value(VERDICT_ALLOW, 0)
     };
     let mut entries = Vec::new();
-    if enforce {
+    if enforce && host_allowed {
         entries.push((IDENTITY_HOST, 0, value(VERDICT_ALLOW, 0)));
     }
     if policies.iter().all(|p| p.rules.is_empty()) {
@@ -1037,7 +1109,7 @@ mod tests {
         /// Checks every endpoint × peer × port × protocol against the reference evaluator,
         /// that each entry is needed, and that each named policy decides.
         fn check(&self) {
-            let peers = universe(&self.state.identities, &self.settings.trust_domain);
+            let peers = peers(&self.state.identities, &self.settings);
             let mut ports: BTreeSet<u16> = self
                 .policies
                 .values()
@@ -1092,9 +1164,11 @@ mod tests {
                     // Other protocols get the endpoint's default.
                     assert_eq!(kernel(ep, peer.identity, 0, 1), default);
                 }
-                for &port in &ports {
-                    let want = reference(&self.policies, &self.settings, w, None, port);
-                    assert_eq!(kernel(ep, IDENTITY_HOST, port, PROTO_TCP).verdict, want);
+                if self.settings.node_traffic == NodeTraffic::All {
+                    for &port in &ports {
+                        let want = reference(&self.policies, &self.settings, w, None, port);
+                        assert_eq!(kernel(ep, IDENTITY_HOST, port, PROTO_TCP).verdict, want);
+                    }
                 }
             }
         }
@@ -1123,7 +1197,7 @@ mod tests {
     }
 
     /// The slow path: Istio's evaluation, policy by policy, for one connection. `None` is
-    /// the host.
+    /// the host under [`NodeTraffic::All`].
     fn reference(
         policies: &BTreeMap<ObjectRef, AuthorizationPolicy>,
         settings: &PolicySettings,
@@ -1231,7 +1305,8 @@ mod tests {
         assert_eq!(w.verdict("a", "a-1", ax, 9090), DENY);
         assert_eq!(w.verdict("a", "a-1", bx, 8080), DENY);
         assert_eq!(w.verdict("a", "a-1", IDENTITY_WORLD, 8080), DENY);
-        assert_eq!(w.verdict("a", "a-1", IDENTITY_HOST, 9090), ALLOW, "host");
+        // The node is a peer like any other (under `probes`, the kernel lets its probes by).
+        assert_eq!(w.verdict("a", "a-1", IDENTITY_HOST, 9090), DENY, "host");
         let allowed = kernel(w.endpoint("a", "a-1"), ax, 8080, PROTO_UDP);
         assert_eq!(allowed.verdict, ALLOW, "UDP too");
         assert_eq!(
@@ -1245,8 +1320,8 @@ mod tests {
         );
         assert!(!w.endpoint("a", "a-0").enforce);
         assert_eq!(w.verdict("a", "a-0", bx, 9090), ALLOW);
-        // Minimal: default, host ×2, a/x:8080 ×2.
-        assert_eq!(w.endpoint("a", "a-1").entries.len(), 5);
+        // Minimal: default, a/x:8080 ×2.
+        assert_eq!(w.endpoint("a", "a-1").entries.len(), 3);
     }
 
     #[test]
@@ -1479,7 +1554,7 @@ mod tests {
         let bx = |w: &World| w.identity("b", "x");
         let w = World::standard().with(vec![policy("a", "allow-nothing", "{action: ALLOW}")]);
         assert_eq!(w.verdict("a", "a-0", bx(&w), 80), DENY);
-        assert_eq!(w.endpoint("a", "a-0").entries.len(), 3, "default + host");
+        assert_eq!(w.endpoint("a", "a-0").entries.len(), 1, "the default only");
         let w = World::standard().with(vec![policy("a", "allow-nothing", "{rules: []}")]);
         assert_eq!(w.verdict("a", "a-0", bx(&w), 80), DENY);
         let w = World::standard().with(vec![policy("a", "deny-nothing", "{action: DENY}")]);
@@ -1490,7 +1565,73 @@ mod tests {
         let w =
             World::standard().with(vec![policy("a", "deny-all", "{action: DENY, rules: [{}]}")]);
         assert_eq!(w.verdict("a", "a-0", bx(&w), 80), DENY);
-        assert_eq!(w.verdict("a", "a-0", IDENTITY_HOST, 80), ALLOW, "host");
+        assert_eq!(w.verdict("a", "a-0", IDENTITY_HOST, 80), DENY, "host");
+    }
+
+    /// The node is judged by its addresses, unless `--node-traffic all` exempts it.
+    #[test]
+    fn node_addresses_are_judged_like_any_peer() {
+        let node = |traffic: NodeTraffic, policies: Vec<AuthorizationPolicy>| {
+            let mut w = World::standard();
+            w.settings.node_traffic = traffic;
+            w.settings.host_addresses = vec![
+                "192.168.5.10".parse().unwrap(),
+                "fd00:5::10".parse().unwrap(),
+            ];
+            w.compile();
+            w.with(policies)
+        };
+        let deny16 = || {
+            policy(
+                "a",
+                "deny-node-net",
+                "{action: DENY, rules: [{from: [{source: {ipBlocks: [192.168.0.0/16, 'fd00:5::/32']}}]}]}",
+            )
+        };
+        let allow_sa = || {
+            policy(
+                "a",
+                "allow-x",
+                "{rules: [{from: [{source: {principals: [cluster.local/ns/a/sa/x]}}]}]}",
+            )
+        };
+        let allow_block = || {
+            policy(
+                "a",
+                "allow-node",
+                "{rules: [{from: [{source: {ipBlocks: [192.168.5.0/24, 'fd00:5::/64']}}]}]}",
+            )
+        };
+        for traffic in [NodeTraffic::Probes, NodeTraffic::None] {
+            // The ipcache names the node's addresses, also inside a wider block.
+            let w = node(traffic, vec![deny16()]);
+            assert_eq!(
+                w.state.ipcache[&("192.168.5.10".parse().unwrap(), 32)],
+                IDENTITY_HOST
+            );
+            // A DENY whose block holds the node's addresses denies it.
+            assert_eq!(
+                w.verdict("a", "a-0", IDENTITY_HOST, 80),
+                DENY,
+                "{traffic:?}"
+            );
+            let deny = kernel(w.endpoint("a", "a-0"), IDENTITY_HOST, 80, PROTO_TCP);
+            assert_ne!(deny.policy_id, 0, "a DENY policy decided");
+            // An ALLOW by principal does not name the node: default deny.
+            let w = node(traffic, vec![allow_sa()]);
+            let v = kernel(w.endpoint("a", "a-0"), IDENTITY_HOST, 80, PROTO_TCP);
+            assert_eq!((v.verdict, v.policy_id), (DENY, 0), "{traffic:?}");
+            // An ALLOW whose block holds the node's addresses allows it.
+            let w = node(traffic, vec![allow_sa(), allow_block()]);
+            assert_eq!(
+                w.verdict("a", "a-0", IDENTITY_HOST, 80),
+                ALLOW,
+                "{traffic:?}"
+            );
+        }
+        // `all`: as before the setting, the node passes whatever the policies say.
+        let w = node(NodeTraffic::All, vec![deny16(), allow_sa()]);
+        assert_eq!(w.verdict("a", "a-0", IDENTITY_HOST, 80), ALLOW);
     }
 
     #[test]

@@ -55,9 +55,20 @@ pub struct FlowValue {
     pub policy_id: u32,
     /// TCP FIN seen: bit 0 from the initiator, bit 1 from the responder.
     pub fin_seen: u8,
-    pub _pad: [u8; 3],
+    /// `FLOW_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 72);
+
+/// [`FlowValue::flags`]: the flow was first seen by a TCP packet that cannot open a
+/// connection (no SYN, or SYN with ACK: a connection older than the programs, or a crafted
+/// packet). Its verdict was computed as for an opening packet; a later SYN without ACK on
+/// the tuple (either way round) is judged afresh as a new flow instead of joining it.
+pub const FLOW_F_MIDSTREAM: u8 = 1 << 0;
+/// [`FlowValue::flags`]: a kubelet probe (`--node-traffic probes`) opened the flow; when
+/// the endpoint's policy changes it is judged again as a probe (only a DENY cuts it).
+pub const FLOW_F_PROBE: u8 = 1 << 1;
 
 /// [`FlowEvent::kind`].
 pub const FLOW_EVENT_NEW: u8 = 1;

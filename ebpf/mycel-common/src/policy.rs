@@ -45,9 +45,19 @@ pub const ENDPOINT_F_ENFORCE: u32 = 1 << 0;
 /// to and from it skips L3/L4 policy here: the node proxy authorizes each tunnel by the
 /// peer's certificate, which the kernel cannot see.
 pub const ENDPOINT_F_MESH: u32 = 1 << 1;
-/// [`EndpointInfo::flags`]: mode STRICT. New plaintext TCP connections to the endpoint
-/// (SYNs to any port but 15008) are dropped, except from the node itself (kubelet probes).
+/// [`EndpointInfo::flags`]: mode STRICT. Only HBONE (TCP to port 15008) may open a flow to
+/// the endpoint: new plaintext flows of every protocol are dropped. Replies to flows the
+/// endpoint opened, ICMP errors and IPv6 neighbour discovery still pass, and so does node
+/// traffic as [`ENDPOINT_F_NODE_ALL`] or [`ENDPOINT_F_NODE_PROBES`] exempt it.
 pub const ENDPOINT_F_MESH_STRICT: u32 = 1 << 2;
+/// [`EndpointInfo::flags`]: node traffic (`--node-traffic all`): a peer of identity
+/// [`IDENTITY_HOST`] is exempt from mode STRICT (the agent also compiles an ALLOW for it).
+pub const ENDPOINT_F_NODE_ALL: u32 = 1 << 3;
+/// [`EndpointInfo::flags`]: kubelet probes (`--node-traffic probes`): a TCP connection from
+/// a node address, opened by a socket of the node itself (the packet carries a local
+/// socket) whose cgroup is not below the pods' cgroup ([`NodeConfig::pods_cgroup_id`]), is
+/// exempt from mode STRICT and from ALLOW policies; only a DENY policy naming it refuses it.
+pub const ENDPOINT_F_NODE_PROBES: u32 = 1 << 4;
 
 /// Value of `ENDPOINTS`, keyed by the ifindex of the workload's host-side interface.
 #[repr(C)]
@@ -112,5 +122,43 @@ pub const DROP_REASON_POLICY_DENY: u8 = 1;
 pub const DROP_REASON_POLICY_DEFAULT_DENY: u8 = 2;
 /// Plaintext to an endpoint whose mesh mode is STRICT.
 pub const DROP_REASON_MTLS_STRICT: u8 = 3;
+/// A workload sent with a source address that is not one of its own (anti-spoofing).
+pub const DROP_REASON_INVALID_SOURCE_IP: u8 = 4;
+/// An IPv4/IPv6 header that is truncated or invalid (version, header or total length), or
+/// a TCP fragment that overlaps the TCP header (RFC 1858).
+pub const DROP_REASON_INVALID_PACKET: u8 = 5;
+/// A TCP, UDP or ICMP header that is truncated or invalid, also in a first fragment too
+/// short to hold it (RFC 7112).
+pub const DROP_REASON_INVALID_L4_HEADER: u8 = 6;
+/// An IPv6 extension header chain that is truncated, longer than the programs walk, or
+/// ends in "no next header".
+pub const DROP_REASON_INVALID_IPV6_EXTENSION_HEADER: u8 = 7;
 
-pod!(IpcacheValue, EndpointInfo, PolicyKey, PolicyValue);
+/// Key of `SOURCES`: a local workload's address (v4-mapped, network order); the value is
+/// the ifindex of the workload's host-side interface. A packet a workload sends (the
+/// `tc_from_pod` program) whose source address is not there under that workload's ifindex
+/// is dropped ([`DROP_REASON_INVALID_SOURCE_IP`]), except from `::` (duplicate address
+/// detection) and `fe80::/10` (link-local, which the stack never forwards).
+pub type SourceAddr = [u32; 4];
+
+/// Entries of `SOURCES`: addresses of local workloads.
+pub const SOURCE_ENTRIES: u32 = 16_384;
+
+/// The single value of `NODE_CONFIG`: node-wide settings of the TC programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// cgroup v2 id (the directory's inode number) of the cgroup every pod, hostNetwork
+    /// pods included, lives under (the agent's `--cgroup`); 0 = unknown, then no packet is
+    /// taken for a kubelet probe.
+    pub pods_cgroup_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
+
+pod!(
+    IpcacheValue,
+    EndpointInfo,
+    PolicyKey,
+    PolicyValue,
+    NodeConfig
+);

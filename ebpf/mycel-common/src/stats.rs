@@ -25,15 +25,25 @@ pub const STAT_MESH_RECORD_FAILED: u32 = 8;
 pub const STAT_MESH_ORIG_DST_RECORDED: u32 = 9;
 /// The `MESH_ORIG_DST` update failed: the proxy cannot learn that connection's destination.
 pub const STAT_MESH_ORIG_DST_UPDATE_FAILED: u32 = 10;
-/// A plaintext TCP SYN to a workload in mTLS mode STRICT was dropped in TC.
+/// A new plaintext flow (any protocol) to a workload in mTLS mode STRICT was dropped in TC.
 pub const STAT_MESH_STRICT_DROPPED: u32 = 11;
+/// A packet the TC programs could not judge (truncated or invalid headers, an IPv6
+/// extension header chain past the bound, an overlapping TCP fragment) was dropped.
+pub const STAT_TC_INVALID_DROPPED: u32 = 12;
+/// A packet a workload sent with a source address that is not its own was dropped.
+pub const STAT_TC_SPOOFED_DROPPED: u32 = 13;
+/// Every packet the TC programs dropped, whatever the reason (one per DROP verdict).
+pub const STAT_TC_DROPPED: u32 = 14;
+/// A TCP connection from the node was let through as a kubelet probe (counted once per
+/// connection, when its flow is created).
+pub const STAT_TC_PROBE_EXEMPTED: u32 = 15;
 /// Number of counters; the size of the STATS array. Room is left for more: a pinned STATS
 /// map keeps the size it was created with, so counters past it read as zero until the
 /// pins are removed.
 pub const STAT_MAX: u32 = 16;
 
 /// Counter names, index by index, as the agent exports them.
-pub const STAT_NAMES: [&str; 12] = [
+pub const STAT_NAMES: [&str; 16] = [
     "lb_translated",
     "lb_no_backend",
     "lb_slot_missing",
@@ -46,4 +56,8 @@ pub const STAT_NAMES: [&str; 12] = [
     "mesh_orig_dst_recorded",
     "mesh_orig_dst_update_failed",
     "mesh_strict_dropped",
+    "tc_invalid_dropped",
+    "tc_spoofed_dropped",
+    "tc_dropped",
+    "tc_probe_exempted",
 ];

@@ -16,7 +16,7 @@ use mycel_common::{
     },
     policy::{
         DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, EndpointInfo, IpcacheAddr, IpcacheValue,
-        PolicyKey, PolicyValue,
+        NodeConfig, PolicyKey, PolicyValue, SOURCE_ENTRIES, SourceAddr,
     },
     service::{
         Backend, BackendKey, DEFAULT_BACKEND_SLOTS, MAX_AFFINITY_SERVICES, MAX_SERVICES,
@@ -83,6 +83,15 @@ pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(ENDPOINT_ENTR
 /// Compiled policy: (endpoint, peer identity, port, protocol, direction) → verdict.
 #[map]
 pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(POLICY_ENTRIES, 0);
+
+/// Addresses of local workloads → ifindex of the workload's host-side interface: what a
+/// workload may send from (anti-spoofing in `tc_from_pod`).
+#[map]
+pub static SOURCES: HashMap<SourceAddr, u32> = HashMap::pinned(SOURCE_ENTRIES, 0);
+
+/// Node-wide settings of the TC programs, an array of one.
+#[map]
+pub static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 
 /// Per-flow counters and cached verdicts (an LRU: the oldest flows make room).
 #[map]

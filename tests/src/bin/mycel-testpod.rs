@@ -9,13 +9,20 @@
 
 use std::collections::BTreeSet;
 use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use mycel_tests::testpod::{ClientReport, ConnectResult, HoldEvent, now_us};
+use mycel_tests::testpod::{
+    ClientReport, ConnectResult, HoldEvent, RawReport, RawTcpReply, now_us,
+};
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, recv, sendto,
+    setsockopt, socket, sockopt::ReceiveTimeout,
+};
+use nix::sys::time::TimeVal;
 
 /// Servers and clients for mycel's integration tests.
 #[derive(Debug, Parser)]
@@ -86,6 +93,26 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// Sends hand-built IPv4 packets (header included, any source address) through a raw
+    /// socket (needs only CAP_NET_RAW), then, with `--watch-port`, reports the TCP packets
+    /// that arrive for that local port within `--wait-ms`. Prints one JSON [`RawReport`].
+    RawSend {
+        /// Where the packets go (the kernel routes them; their own header says the rest).
+        #[arg(long)]
+        dst: Ipv4Addr,
+        /// The packets, IPv4 header first, in hex; sent in this order.
+        #[arg(long = "packet", required = true)]
+        packets: Vec<String>,
+        /// Pause between packets.
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        /// Report TCP packets to this local port.
+        #[arg(long)]
+        watch_port: Option<u16>,
+        /// How long to watch after the last packet.
+        #[arg(long, default_value_t = 500)]
+        wait_ms: u64,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,6 +160,13 @@ fn main() -> ExitCode {
             wait_ms,
             timeout_ms,
         } => tcp_hold(addr, interval_ms, wait_ms, timeout_ms),
+        Command::RawSend {
+            dst,
+            packets,
+            interval_ms,
+            watch_port,
+            wait_ms,
+        } => raw_send(dst, &packets, interval_ms, watch_port, wait_ms),
     };
     match result {
         Ok(code) => code,
@@ -416,4 +450,103 @@ fn tcp_hold(
 
 fn elapsed_us(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+fn parse_hex(text: &str) -> io::Result<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return Err(io::Error::other(format!(
+            "odd number of hex digits: {text}"
+        )));
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&text[i..i + 2], 16)
+                .map_err(|e| io::Error::other(format!("bad hex {text:?}: {e}")))
+        })
+        .collect()
+}
+
+fn raw_send(
+    dst: Ipv4Addr,
+    packets: &[String],
+    interval_ms: u64,
+    watch_port: Option<u16>,
+    wait_ms: u64,
+) -> io::Result<ExitCode> {
+    let packets = packets
+        .iter()
+        .map(|p| parse_hex(p))
+        .collect::<io::Result<Vec<_>>>()?;
+    // Opened first, so that no reply can come before it listens.
+    let watch = match watch_port {
+        Some(_) => {
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Raw,
+                SockFlag::empty(),
+                SockProtocol::Tcp,
+            )?;
+            setsockopt(&fd, ReceiveTimeout, &TimeVal::new(0, 50_000))?;
+            Some(fd)
+        }
+        None => None,
+    };
+    // IPPROTO_RAW: the packet carries its own IPv4 header (IP_HDRINCL).
+    let out = socket(
+        AddressFamily::Inet,
+        SockType::Raw,
+        SockFlag::empty(),
+        SockProtocol::Raw,
+    )?;
+    let to = SockaddrIn::from(SocketAddrV4::new(dst, 0));
+    let mut report = RawReport::default();
+    for (i, p) in packets.iter().enumerate() {
+        if i > 0 {
+            thread::sleep(Duration::from_millis(interval_ms));
+        }
+        sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&out),
+            p,
+            &to,
+            MsgFlags::empty(),
+        )?;
+        report.sent += 1;
+    }
+    if let (Some(fd), Some(port)) = (watch, watch_port) {
+        let deadline = Instant::now() + Duration::from_millis(wait_ms);
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            let n = match recv(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &mut buf,
+                MsgFlags::empty(),
+            ) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let b = &buf[..n];
+            let ihl = usize::from(b.first().copied().unwrap_or(0) & 0x0f) * 4;
+            let (Some(src), Some(tcp)) = (b.get(12..16), b.get(ihl..ihl + 14)) else {
+                continue;
+            };
+            if u16::from_be_bytes([tcp[2], tcp[3]]) != port {
+                continue;
+            }
+            report.tcp_replies.push(RawTcpReply {
+                from: SocketAddrV4::new(
+                    Ipv4Addr::new(src[0], src[1], src[2], src[3]),
+                    u16::from_be_bytes([tcp[0], tcp[1]]),
+                )
+                .to_string(),
+                flags: tcp[13],
+            });
+        }
+    }
+    println!(
+        "{}",
+        serde_json::to_string(&report).map_err(io::Error::other)?
+    );
+    Ok(ExitCode::SUCCESS)
 }
