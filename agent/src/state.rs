@@ -446,10 +446,21 @@ impl State {
             warnings: mem::take(&mut touched.warnings),
             ..Applied::default()
         };
-        if touched.workloads || touched.policies {
-            let policy =
-                self.compiler
-                    .compile(&self.policy_settings, &self.workloads, &self.policies);
+        // Namespaces too: their labels enroll workloads in the mesh, which changes how the
+        // kernel judges their plaintext peers.
+        if touched.workloads || touched.policies || touched.namespaces {
+            let enrolled: BTreeSet<ObjectRef> = self
+                .workloads
+                .values()
+                .filter(|w| policy::is_local(w) && self.mesh_mode(w).is_some())
+                .map(|w| w.meta.id.clone())
+                .collect();
+            let policy = self.compiler.compile(
+                &self.policy_settings,
+                &self.workloads,
+                &self.policies,
+                &enrolled,
+            );
             applied.policy_changed = policy != self.policy;
             self.policy = policy;
         }

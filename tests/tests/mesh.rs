@@ -246,24 +246,49 @@ spec:
         "plaintext reached a STRICT workload: {}",
         report.summary()
     );
-    // PERMISSIVE: the same plaintext is accepted (the policy still applies in the kernel
-    // by address identity: allow the outsider's identity there too).
-    let policy_permissive = r#"
+    // PERMISSIVE: plaintext may reach the server, but a principal can only be proven with
+    // a certificate: naming the outsider's principal lets nothing in (as in Istio), an
+    // ipBlock with its address does.
+    let allow = |extra: &str| {
+        format!(
+            r#"
 apiVersion: mycel.dev/v1alpha1
 kind: AuthorizationPolicy
-metadata: {name: only-good, namespace: default}
+metadata: {{name: only-good, namespace: default}}
 spec:
-  selector: {matchLabels: {app: server}}
+  selector: {{matchLabels: {{app: server}}}}
   action: ALLOW
   rules:
   - from:
-    - source: {principals: ["cluster.local/ns/default/sa/good", "cluster.local/ns/default/sa/outsider"]}
-"#;
+    - source: {{principals: ["cluster.local/ns/default/sa/good", "cluster.local/ns/default/sa/outsider"]}}
+{extra}"#
+        )
+    };
     for node in two.nodes() {
-        node.resources()
-            .write("policy.yaml", &[policy_permissive.to_owned()]);
+        node.resources().write("policy.yaml", &[allow("")]);
     }
     two.write_workloads("workloads.yaml", &workloads("PERMISSIVE"));
+    // Enrolled clients still go through the mesh once the change is in.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while good
+        .tcp_client(dst, 1)
+        .results
+        .iter()
+        .any(|r| r.answer.is_none())
+    {
+        assert!(Instant::now() < deadline, "good refused after the change");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let report = outsider.tcp_client_with(dst, 2, &["--timeout-ms", "500"]);
+    assert!(
+        report.results.iter().all(|r| r.answer.is_none()),
+        "plaintext matched a principal it cannot prove: {}",
+        report.summary()
+    );
+    let by_address = format!("    - source: {{ipBlocks: [\"{}/32\"]}}\n", outsider.ipv4);
+    for node in two.nodes() {
+        node.resources().write("policy.yaml", &[allow(&by_address)]);
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let report = outsider.tcp_client_with(dst, 1, &["--timeout-ms", "500"]);
@@ -273,7 +298,7 @@ spec:
         }
         assert!(
             Instant::now() < deadline,
-            "PERMISSIVE never let plaintext in: {}\n{}",
+            "PERMISSIVE never let plaintext in by address: {}\n{}",
             report.summary(),
             a2.log_tail(30)
         );

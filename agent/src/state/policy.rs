@@ -22,7 +22,13 @@
 //!
 //! Peers are known by their numeric identity only (see [`identity`](super::identity)):
 //! principals, namespaces and service accounts match a workload identity's (namespace,
-//! service account); peers without a workload identity (CIDR, world) have none, so the
+//! service account) — for destinations outside the mesh only. Such an identity is derived
+//! from the source address (Cilium's model, which the TC programs' anti-spoofing backs).
+//! For a destination enrolled in the mesh, those three fields match only the identity a
+//! peer proved with its certificate, as Istio's do: the node proxy checks them per tunnel,
+//! and the kernel, which sees only plaintext there, judges every peer as one without an
+//! identity (ipBlocks still match by address). A plaintext connection has no principal.
+//! Peers without a workload identity (CIDR, world) have none, so the
 //! positive lists never match them and the `not*` lists never exclude them (as Envoy
 //! treats a peer without a certificate). An ipBlock matches a CIDR identity whose prefix
 //! lies inside it, and a workload identity all of whose workloads' addresses lie inside
@@ -450,6 +456,23 @@ pub(crate) enum PeerKind<'a> {
     Host {
         addresses: &'a [IpAddr],
     },
+    /// A workload's address seen in plaintext by an enrolled destination: no principal,
+    /// namespace or service account can be claimed without a certificate.
+    Unverified {
+        addresses: &'a [IpAddr],
+    },
+}
+
+/// `peer` as an enrolled destination sees it in plaintext ([`PeerKind::Unverified`]).
+pub(crate) fn unverified<'a>(peer: &Peer<'a>) -> Peer<'a> {
+    let kind = match &peer.kind {
+        PeerKind::Workload { addresses, .. } => PeerKind::Unverified { addresses },
+        other => other.clone(),
+    };
+    Peer {
+        identity: peer.identity,
+        kind,
+    }
 }
 
 /// Every peer policies judge: [`universe`], and the node unless [`NodeTraffic::All`]
@@ -519,7 +542,9 @@ fn inside(peer: &Peer<'_>, blocks: &[Cidr]) -> Inside {
                 Inside::None
             }
         }
-        PeerKind::Workload { addresses, .. } | PeerKind::Host { addresses } => {
+        PeerKind::Workload { addresses, .. }
+        | PeerKind::Host { addresses }
+        | PeerKind::Unverified { addresses } => {
             let count = addresses
                 .iter()
                 .filter(|a| blocks.iter().any(|b| b.contains(**a)))
@@ -739,6 +764,7 @@ impl Compiler {
         settings: &PolicySettings,
         workloads: &BTreeMap<ObjectRef, Workload>,
         policies: &BTreeMap<ObjectRef, AuthorizationPolicy>,
+        enrolled: &BTreeSet<ObjectRef>,
     ) -> PolicyState {
         let mut addresses: BTreeMap<(String, String), BTreeSet<IpAddr>> = BTreeMap::new();
         for w in workloads.values() {
@@ -808,33 +834,39 @@ impl Compiler {
         }
 
         let peers = peers(&state.identities, settings);
+        // What an enrolled destination's plaintext can tell of the same peers.
+        let plain: Vec<Peer<'_>> = peers.iter().map(unverified).collect();
         let host_allowed = settings.node_traffic == NodeTraffic::All;
-        let compiled: Vec<CompiledPolicy<'_>> = policies
-            .iter()
-            .map(|(id, p)| CompiledPolicy {
-                action: p.action,
-                policy_id: self.policies.get(id).unwrap_or(0),
-                rules: p
-                    .rules
-                    .iter()
-                    .filter(|r| rule_active(r, p.action))
-                    .map(|r| {
-                        let mut bits = Bits::new(peers.len(), r.from.is_empty());
-                        if !r.from.is_empty() {
-                            for (i, peer) in peers.iter().enumerate() {
-                                if from_matches(r, p.action, peer) {
-                                    bits.set(i);
+        let compile_for = |peers: &[Peer<'_>]| -> Vec<CompiledPolicy<'_>> {
+            policies
+                .iter()
+                .map(|(id, p)| CompiledPolicy {
+                    action: p.action,
+                    policy_id: self.policies.get(id).unwrap_or(0),
+                    rules: p
+                        .rules
+                        .iter()
+                        .filter(|r| rule_active(r, p.action))
+                        .map(|r| {
+                            let mut bits = Bits::new(peers.len(), r.from.is_empty());
+                            if !r.from.is_empty() {
+                                for (i, peer) in peers.iter().enumerate() {
+                                    if from_matches(r, p.action, peer) {
+                                        bits.set(i);
+                                    }
                                 }
                             }
-                        }
-                        (bits, r)
-                    })
-                    .collect(),
-            })
-            .collect();
+                            (bits, r)
+                        })
+                        .collect(),
+                })
+                .collect()
+        };
+        let compiled = compile_for(&peers);
+        let compiled_plain = compile_for(&plain);
         let all: Vec<&AuthorizationPolicy> = policies.values().collect();
 
-        let mut groups: HashMap<Vec<usize>, Rc<GroupEntries>> = HashMap::new();
+        let mut groups: HashMap<(Vec<usize>, bool), Rc<GroupEntries>> = HashMap::new();
         for w in local {
             let selecting: Vec<usize> = all
                 .iter()
@@ -842,10 +874,16 @@ impl Compiler {
                 .filter(|(_, p)| selects(p, w, &settings.root_namespace))
                 .map(|(i, _)| i)
                 .collect();
+            let in_mesh = enrolled.contains(&w.meta.id);
             let group = groups
-                .entry(selecting)
-                .or_insert_with_key(|selecting| {
-                    Rc::new(compile_group(&compiled, selecting, &peers, host_allowed))
+                .entry((selecting, in_mesh))
+                .or_insert_with_key(|(selecting, in_mesh)| {
+                    let (compiled, peers) = if *in_mesh {
+                        (&compiled_plain, &plain)
+                    } else {
+                        (&compiled, &peers)
+                    };
+                    Rc::new(compile_group(compiled, selecting, peers, host_allowed))
                 })
                 .clone();
             let (Some(endpoint_id), Some(interface)) =
@@ -1045,6 +1083,8 @@ mod tests {
         settings: PolicySettings,
         workloads: BTreeMap<ObjectRef, Workload>,
         policies: BTreeMap<ObjectRef, AuthorizationPolicy>,
+        /// Local workloads enrolled in the mesh.
+        enrolled: BTreeSet<ObjectRef>,
         compiler: Compiler,
         state: PolicyState,
     }
@@ -1058,6 +1098,7 @@ mod tests {
                     .map(|w| (w.meta.id.clone(), w))
                     .collect(),
                 policies: BTreeMap::new(),
+                enrolled: BTreeSet::new(),
                 compiler: Compiler::default(),
                 state: PolicyState::default(),
             };
@@ -1084,9 +1125,12 @@ mod tests {
         }
 
         fn compile(&mut self) {
-            self.state = self
-                .compiler
-                .compile(&self.settings, &self.workloads, &self.policies);
+            self.state = self.compiler.compile(
+                &self.settings,
+                &self.workloads,
+                &self.policies,
+                &self.enrolled,
+            );
             self.check();
         }
 
@@ -1119,8 +1163,15 @@ mod tests {
                 .copied()
                 .collect();
             ports.extend([1, 81, 65535]);
+            let plain: Vec<Peer<'_>> = peers.iter().map(unverified).collect();
             for ep in self.state.endpoints.values() {
                 let w = &self.workloads[&ep.workload];
+                // An enrolled destination judges plaintext peers as unverified.
+                let peers = if self.enrolled.contains(&ep.workload) {
+                    &plain
+                } else {
+                    &peers
+                };
                 let default = ep.entries[&key(ep, 0, 0, 0)];
                 for (k, v) in &ep.entries {
                     if k.peer_identity == 0 {
@@ -1133,7 +1184,7 @@ mod tests {
                         assert_ne!(*v, fallback, "{k:?} repeats its any-port entry");
                     }
                 }
-                for peer in &peers {
+                for peer in peers {
                     for &port in &ports {
                         let want = reference(&self.policies, &self.settings, w, Some(peer), port);
                         for proto in [PROTO_TCP, PROTO_UDP] {
@@ -1437,6 +1488,81 @@ mod tests {
         assert_eq!(w.verdict("c", "c-0", w.identity("a", "x"), 80), DENY);
         assert_eq!(w.verdict("c", "c-0", w.identity("b", "x"), 80), ALLOW);
         assert_eq!(w.verdict("c", "c-0", IDENTITY_WORLD, 80), ALLOW);
+    }
+
+    /// For an enrolled destination, principals, namespaces and service accounts match no
+    /// plaintext peer (only the proxy's verified certificates); ipBlocks still match by
+    /// address. A destination outside the mesh keeps matching them by address identity.
+    #[test]
+    fn principals_are_cryptographic_for_enrolled_destinations() {
+        let specs = [
+            "{rules: [{from: [{source: {principals: ['cluster.local/ns/a/sa/x']}}]}]}",
+            "{rules: [{from: [{source: {namespaces: [a]}}]}]}",
+            "{rules: [{from: [{source: {serviceAccounts: ['a/x']}}]}]}",
+        ];
+        for spec in specs {
+            let mut w = World::standard().with(vec![policy("c", "p", spec)]);
+            let ax = w.identity("a", "x");
+            assert_eq!(
+                w.verdict("c", "c-0", ax, 80),
+                ALLOW,
+                "outside the mesh: {spec}"
+            );
+            w.enrolled.insert(ObjectRef {
+                namespace: "c".into(),
+                name: "c-0".into(),
+            });
+            w.compile();
+            assert_eq!(
+                w.verdict("c", "c-0", ax, 80),
+                DENY,
+                "plaintext to an enrolled destination has no principal: {spec}"
+            );
+        }
+        // A DENY by principal does not match plaintext either (as Istio's); notPrincipals
+        // then covers every plaintext peer, which is how a policy refuses plaintext.
+        let mut w = World::standard().with(vec![
+            policy(
+                "c",
+                "deny-x",
+                "{action: DENY, rules: [{from: [{source: {principals: ['cluster.local/ns/a/sa/x']}}]}]}",
+            ),
+            policy(
+                "c",
+                "deny-plain",
+                "{action: DENY, rules: [{from: [{source: {notPrincipals: ['cluster.local/ns/b/*']}}]}]}",
+            ),
+        ]);
+        let (ax, bx) = (w.identity("a", "x"), w.identity("b", "x"));
+        assert_eq!(
+            w.verdict("c", "c-0", bx, 80),
+            ALLOW,
+            "b/x by address identity"
+        );
+        w.enrolled.insert(ObjectRef {
+            namespace: "c".into(),
+            name: "c-0".into(),
+        });
+        w.compile();
+        assert_eq!(w.verdict("c", "c-0", ax, 80), DENY);
+        assert_eq!(
+            w.verdict("c", "c-0", bx, 80),
+            DENY,
+            "b/x's plaintext cannot claim its principal"
+        );
+        // ipBlocks match by address for enrolled destinations too.
+        let mut w = World::standard().with(vec![policy(
+            "c",
+            "p",
+            "{rules: [{from: [{source: {ipBlocks: [10.0.1.2/32]}}]}]}",
+        )]);
+        w.enrolled.insert(ObjectRef {
+            namespace: "c".into(),
+            name: "c-0".into(),
+        });
+        w.compile();
+        assert_eq!(w.verdict("c", "c-0", w.identity("a", "y"), 80), ALLOW);
+        assert_eq!(w.verdict("c", "c-0", w.identity("a", "x"), 80), DENY);
     }
 
     #[test]
