@@ -1232,6 +1232,20 @@ fn test_run_sources_other_than_the_workloads_are_dropped() {
     let na = frame(ip("fd00:1::77"), ip("fd00:1::1"), L4::Icmp { ty: 136 });
     assert_eq!(dp.tc_test_run("tc_from_pod", &na).expect("run"), DROP);
     assert_eq!(counter(&node, "tc_spoofed_dropped"), 5);
+    // Addresses written ahead (before an interface's programs are replaced) count at once;
+    // the next full write removes what the content no longer names.
+    let late = frame(ip("10.1.0.78"), ip("10.9.0.1"), udp);
+    assert_eq!(
+        dp.policy
+            .add_sources(&BTreeMap::from([(ip("10.1.0.78"), TEST_RUN_IFINDEX)]))
+            .expect("add"),
+        1
+    );
+    assert_eq!(dp.tc_test_run("tc_from_pod", &late).expect("run"), PASS);
+    let stats = dp.policy.apply(&content).expect("apply");
+    assert_eq!(stats.source_deletes, 1);
+    assert_eq!(dp.tc_test_run("tc_from_pod", &late).expect("run"), DROP);
+    assert_eq!(counter(&node, "tc_spoofed_dropped"), 6);
     // The spoofed packets opened no flow.
     let flows = dump_flows(&node.bpffs).expect("dump flows");
     assert!(
@@ -1240,7 +1254,8 @@ fn test_run_sources_other_than_the_workloads_are_dropped() {
             .all(|(k, _)| k.saddr_be == addr_be(ip("10.1.0.2"))
                 || k.saddr_be == addr_be(ip("fd00:1::2"))
                 || k.saddr_be == addr_be(ip("::"))
-                || k.saddr_be == addr_be(ip("fe80::1234"))),
+                || k.saddr_be == addr_be(ip("fe80::1234"))
+                || k.saddr_be == addr_be(ip("10.1.0.78"))),
         "{flows:#?}"
     );
 }
