@@ -483,6 +483,21 @@ impl Agent {
             .workloads()
             .map(|w| (&w.meta.id, w.addresses.as_slice()))
             .collect();
+        // Programs check a workload's source addresses as soon as they are attached (an
+        // upgrade replaces programs without the check interface by interface): write the
+        // addresses of the interfaces that exist first.
+        let early: BTreeMap<IpAddr, u32> = wanted
+            .iter()
+            .filter_map(|(interface, ep)| {
+                let ifindex = nix::net::if_::if_nametoindex(*interface).ok()?;
+                let addrs = addresses.get(&ep.workload).copied().unwrap_or_default();
+                Some(addrs.iter().map(move |a| (*a, ifindex)))
+            })
+            .flatten()
+            .collect();
+        if let Err(e) = self.datapath.policy.add_sources(&early) {
+            warn!("writing workload source addresses: {e}");
+        }
         let mut content = PolicyContent::default();
         let mut pending = BTreeSet::new();
         for (interface, ep) in &wanted {

@@ -1,6 +1,7 @@
-//! Attacks on the TC programs with crafted packets, end to end: real pods on real veths,
-//! the attacker a process that holds only CAP_NET_RAW (no other capability, an
-//! unprivileged user) sending hand-built IPv4 packets through a raw socket.
+//! Attacks on the TC programs with crafted packets, end to end: real pods on real veths.
+//! Where a packet must be forged, the attacker is a process that holds only CAP_NET_RAW
+//! (an unprivileged user with no other capability) sending hand-built IPv4 packets
+//! through a raw socket (`mycel-testpod raw-send`); ordinary clients do the rest.
 //!
 //! - a pod sending with another pod's source address (anti-spoofing);
 //! - a TCP packet without SYN, then a SYN on the same tuple, to a STRICT workload;

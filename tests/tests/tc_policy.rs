@@ -951,11 +951,13 @@ fn test_run_packets_that_cannot_be_judged_are_dropped_with_a_reason() {
 fn test_run_ipv6_extension_headers_are_walked_to_the_transport_header() {
     require_root!();
     let mut content = scenario();
-    // A second endpoint that allows everything but denies TCP 8080 from DENIED.
-    content.policy.insert(
-        entry(EP, DENIED, 8080, PROTO_TCP, VERDICT_DENY, DENY_ID).0,
-        entry(EP, DENIED, 8080, PROTO_TCP, VERDICT_DENY, DENY_ID).1,
-    );
+    // The endpoint's default allows: DENIED is denied by its entries for TCP and UDP only,
+    // so a packet taken for any other protocol (as extension headers made TCP look
+    // before) walks around the DENY.
+    let (default_key, _) = entry(EP, 0, 0, 0, VERDICT_DENY, 0);
+    content
+        .policy
+        .insert(default_key, entry(EP, 0, 0, 0, VERDICT_ALLOW, 0).1);
     let (node, dp) = loaded(&content);
     let [ep, allowed, denied, _] = scenario_addrs(true);
     let chains: Vec<(&str, Vec<ExtHeader>)> = vec![
@@ -1232,6 +1234,20 @@ fn test_run_sources_other_than_the_workloads_are_dropped() {
     let na = frame(ip("fd00:1::77"), ip("fd00:1::1"), L4::Icmp { ty: 136 });
     assert_eq!(dp.tc_test_run("tc_from_pod", &na).expect("run"), DROP);
     assert_eq!(counter(&node, "tc_spoofed_dropped"), 5);
+    // Addresses written ahead (before an interface's programs are replaced) count at once;
+    // the next full write removes what the content no longer names.
+    let late = frame(ip("10.1.0.78"), ip("10.9.0.1"), udp);
+    assert_eq!(
+        dp.policy
+            .add_sources(&BTreeMap::from([(ip("10.1.0.78"), TEST_RUN_IFINDEX)]))
+            .expect("add"),
+        1
+    );
+    assert_eq!(dp.tc_test_run("tc_from_pod", &late).expect("run"), PASS);
+    let stats = dp.policy.apply(&content).expect("apply");
+    assert_eq!(stats.source_deletes, 1);
+    assert_eq!(dp.tc_test_run("tc_from_pod", &late).expect("run"), DROP);
+    assert_eq!(counter(&node, "tc_spoofed_dropped"), 6);
     // The spoofed packets opened no flow.
     let flows = dump_flows(&node.bpffs).expect("dump flows");
     assert!(
@@ -1240,7 +1256,8 @@ fn test_run_sources_other_than_the_workloads_are_dropped() {
             .all(|(k, _)| k.saddr_be == addr_be(ip("10.1.0.2"))
                 || k.saddr_be == addr_be(ip("fd00:1::2"))
                 || k.saddr_be == addr_be(ip("::"))
-                || k.saddr_be == addr_be(ip("fe80::1234"))),
+                || k.saddr_be == addr_be(ip("fe80::1234"))
+                || k.saddr_be == addr_be(ip("10.1.0.78"))),
         "{flows:#?}"
     );
 }

@@ -211,6 +211,26 @@ impl PolicyMaps {
         (self.held_ipcache.len(), self.held_policy.len())
     }
 
+    /// Adds SOURCES entries (nothing is removed): a workload's addresses can be written
+    /// before its interface gets programs that check them, e.g. when an upgrade brings
+    /// the first programs with anti-spoofing and replaces the old ones interface by
+    /// interface. [`PolicyMaps::apply`] later removes what is stale.
+    pub fn add_sources(&mut self, sources: &BTreeMap<IpAddr, u32>) -> Result<usize, Error> {
+        let mut written = 0;
+        for (addr, &ifindex) in sources {
+            let key = addr_words(*addr);
+            if self.held_sources.get(&key) == Some(&ifindex) {
+                continue;
+            }
+            self.sources
+                .insert(key, ifindex, 0)
+                .map_err(|e| full_or(SOURCES, e, || format!("ifindex {ifindex}")))?;
+            self.held_sources.insert(key, ifindex);
+            written += 1;
+        }
+        Ok(written)
+    }
+
     /// Makes the maps hold `desired`, writing only what differs, in the order described in
     /// the module documentation. On an error (a full map) the maps are left partly updated
     /// but with no revision bumped: flows keep their cached verdicts, and the next call
