@@ -21,7 +21,9 @@ use std::{
     net::IpAddr,
 };
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, lpm_trie::Key, lpm_trie::LpmTrie};
+use aya::maps::{
+    Array, HashMap as BpfHashMap, IterableMap, MapData, lpm_trie::Key, lpm_trie::LpmTrie,
+};
 use mycel_common::{
     policy::{
         EndpointInfo, IpcacheAddr, IpcacheValue, NodeConfig, PolicyKey, PolicyValue, SourceAddr,
@@ -29,7 +31,7 @@ use mycel_common::{
     service::v4_mapped,
 };
 use serde::Serialize;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{Error, full_or, remove_ok};
 
@@ -89,6 +91,22 @@ pub struct PolicyMaps {
     held_policy: BTreeMap<PolicyKey, PolicyValue>,
     held_sources: BTreeMap<SourceAddr, u32>,
     held_node: NodeConfig,
+}
+
+/// What [`PolicyMaps`] held before a change, to undo it.
+struct Held {
+    ipcache: BTreeMap<(u32, IpcacheAddr), u32>,
+    endpoints: BTreeMap<u32, EndpointInfo>,
+    policy: BTreeMap<PolicyKey, PolicyValue>,
+    sources: BTreeMap<SourceAddr, u32>,
+    node: NodeConfig,
+}
+
+/// The number of entries a map holds at most, as the kernel says (a pinned map keeps the
+/// size it was created with); `None` if the kernel does not say.
+fn capacity<K: aya::Pod, V, M: IterableMap<K, V>>(map: &M) -> Option<usize> {
+    let info = map.map().info().ok()?;
+    usize::try_from(info.max_entries()).ok()
 }
 
 /// NODE_CONFIG (aya's `Array` is not `Debug`).
@@ -232,10 +250,176 @@ impl PolicyMaps {
     }
 
     /// Makes the maps hold `desired`, writing only what differs, in the order described in
-    /// the module documentation. On an error (a full map) the maps are left partly updated
-    /// but with no revision bumped: flows keep their cached verdicts, and the next call
-    /// writes what is still missing.
+    /// the module documentation — or nothing at all: a change that a map cannot hold is
+    /// refused before anything is written (an error naming the map and the sizes), and one
+    /// that fails midway is undone, so the maps keep the previous consistent state. (Half a
+    /// change can be worse than none: a new pod's address missing from IPCACHE makes it
+    /// `world`, which escapes a DENY by principal.)
     pub fn apply(&mut self, desired: &PolicyContent) -> Result<PolicyApplyStats, Error> {
+        self.check_room(desired)?;
+        let before = self.snapshot();
+        match self.write(desired) {
+            Ok(stats) => Ok(stats),
+            Err(e) => {
+                self.restore(before);
+                Err(e)
+            }
+        }
+    }
+
+    /// Refuses a change one of the maps cannot hold: its entries, and during the write
+    /// (new entries go in before stale ones go) those it has now too.
+    fn check_room(&self, desired: &PolicyContent) -> Result<(), Error> {
+        let ipcache: BTreeSet<(u32, IpcacheAddr)> = desired
+            .ipcache
+            .keys()
+            .map(|p| ipcache_key(*p).map(|k| (k.prefix_len(), k.data())))
+            .collect::<Result<_, _>>()?;
+        let sources: BTreeSet<SourceAddr> =
+            desired.sources.keys().map(|a| addr_words(*a)).collect();
+        let peak = |held: &mut dyn Iterator<Item = bool>, want: usize| {
+            want + held.filter(|stays| !stays).count()
+        };
+        let checks = [
+            (
+                IPCACHE,
+                capacity(&self.ipcache),
+                ipcache.len(),
+                peak(
+                    &mut self.held_ipcache.keys().map(|k| ipcache.contains(k)),
+                    ipcache.len(),
+                ),
+            ),
+            (
+                POLICY,
+                capacity(&self.policy),
+                desired.policy.len(),
+                peak(
+                    &mut self
+                        .held_policy
+                        .keys()
+                        .map(|k| desired.policy.contains_key(k)),
+                    desired.policy.len(),
+                ),
+            ),
+            (
+                SOURCES,
+                capacity(&self.sources),
+                sources.len(),
+                peak(
+                    &mut self.held_sources.keys().map(|k| sources.contains(k)),
+                    sources.len(),
+                ),
+            ),
+            (
+                ENDPOINTS,
+                capacity(&self.endpoints),
+                desired.endpoints.len(),
+                peak(
+                    &mut self
+                        .held_endpoints
+                        .keys()
+                        .map(|k| desired.endpoints.contains_key(k)),
+                    desired.endpoints.len(),
+                ),
+            ),
+        ];
+        for (map, capacity, wanted, peak) in checks {
+            let Some(capacity) = capacity else { continue };
+            if wanted > capacity || peak > capacity {
+                return Err(Error::MapFull {
+                    map,
+                    what: format!(
+                        "a policy change that needs {peak} entries while it is written ({wanted} \
+                         after it) where the map holds {capacity}"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Held {
+        Held {
+            ipcache: self.held_ipcache.clone(),
+            endpoints: self.held_endpoints.clone(),
+            policy: self.held_policy.clone(),
+            sources: self.held_sources.clone(),
+            node: self.held_node,
+        }
+    }
+
+    /// Puts back what the maps held before a failed write: removals first (they make the
+    /// room), then the old values. Errors are logged: there is nothing better to do.
+    fn restore(&mut self, before: Held) {
+        let log = |map: &'static str, r: Result<(), aya::maps::MapError>| {
+            if let Err(e) = r {
+                warn!(map, "undoing a failed policy change: {e}");
+            }
+        };
+        for k in self
+            .held_ipcache
+            .keys()
+            .filter(|k| !before.ipcache.contains_key(k))
+        {
+            log(IPCACHE, self.ipcache.remove(&Key::new(k.0, k.1)));
+        }
+        for k in self
+            .held_policy
+            .keys()
+            .filter(|k| !before.policy.contains_key(k))
+        {
+            log(POLICY, self.policy.remove(k));
+        }
+        for k in self
+            .held_sources
+            .keys()
+            .filter(|k| !before.sources.contains_key(*k))
+        {
+            log(SOURCES, self.sources.remove(k));
+        }
+        for k in self
+            .held_endpoints
+            .keys()
+            .filter(|k| !before.endpoints.contains_key(k))
+        {
+            log(ENDPOINTS, self.endpoints.remove(k));
+        }
+        for (k, v) in &before.ipcache {
+            if self.held_ipcache.get(k) != Some(v) {
+                let value = IpcacheValue {
+                    identity: *v,
+                    _pad: 0,
+                };
+                log(IPCACHE, self.ipcache.insert(&Key::new(k.0, k.1), value, 0));
+            }
+        }
+        for (k, v) in &before.policy {
+            if self.held_policy.get(k) != Some(v) {
+                log(POLICY, self.policy.insert(k, v, 0));
+            }
+        }
+        for (k, v) in &before.sources {
+            if self.held_sources.get(k) != Some(v) {
+                log(SOURCES, self.sources.insert(k, v, 0));
+            }
+        }
+        for (k, v) in &before.endpoints {
+            if self.held_endpoints.get(k) != Some(v) {
+                log(ENDPOINTS, self.endpoints.insert(k, v, 0));
+            }
+        }
+        if self.held_node != before.node {
+            log(NODE_CONFIG, self.node.0.set(0, before.node, 0));
+        }
+        self.held_ipcache = before.ipcache;
+        self.held_policy = before.policy;
+        self.held_sources = before.sources;
+        self.held_endpoints = before.endpoints;
+        self.held_node = before.node;
+    }
+
+    fn write(&mut self, desired: &PolicyContent) -> Result<PolicyApplyStats, Error> {
         let mut stats = PolicyApplyStats::default();
 
         if desired.node != self.held_node {
