@@ -72,6 +72,9 @@ pub struct Status {
     /// The CA certificates peers' chains may end at (two during a CA rotation).
     #[serde(default)]
     pub trust_bundle: Vec<TrustAnchor>,
+    /// The TLS key exchange groups mesh connections offer, most preferred first.
+    #[serde(default)]
+    pub key_exchange: Vec<String>,
 }
 
 /// One CA certificate of the trust bundle, as `mycel status` shows it.

@@ -101,7 +101,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .mesh
         .set_proxy_tgid(std::process::id())
         .context("telling the kernel programs the proxy's process")?;
-    let mesh = start_mesh(&cfg, &datapath, proxy_metrics)?;
+    let (mesh, certs) = start_mesh(&cfg, &datapath, proxy_metrics)?;
     // Flow events from the kernel feed metrics, the recent-flows ring and the flow log; the
     // FLOWS table is read every few seconds so long connections count bytes while open.
     let ring = match datapath.take_flow_events() {
@@ -170,6 +170,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         flow_events_dropped: 0,
         owners_published: Default::default(),
         mesh,
+        certs,
     };
     agent.publish();
 
@@ -216,7 +217,7 @@ fn start_mesh(
     cfg: &Config,
     datapath: &Datapath,
     metrics: Arc<ProxyMetrics>,
-) -> anyhow::Result<Mesh> {
+) -> anyhow::Result<(Mesh, CertManager)> {
     let ca = match &cfg.source {
         SourceConfig::Kubernetes { .. } => {
             let cert = cfg.ca_dir.join(crate::identity::CA_CERT_FILE);
@@ -239,22 +240,31 @@ fn start_mesh(
             .with_context(|| format!("the CA in {}", cfg.ca_dir.display()))?,
     };
     let bundle = TrustBundle::from_pem(ca.cert_pem().as_bytes(), "the CA")?;
-    let certs = CertManager::new(ca, bundle, &cfg.trust_domain, cfg.cert_lifetime)
-        .context("starting the certificate manager")?;
-    Ok(Mesh::new(
+    let certs = CertManager::with_key_exchange(
+        ca,
+        bundle,
+        &cfg.trust_domain,
+        cfg.cert_lifetime,
+        cfg.post_quantum,
+    )
+    .context("starting the certificate manager")?;
+    let mesh = Mesh::new(
         MeshConfig {
             proxy: proxy::Config::default(),
             access_log: cfg.access_log,
         },
-        certs,
+        certs.clone(),
         datapath.mesh.orig_dst_table(),
         metrics,
-    ))
+    );
+    Ok((mesh, certs))
 }
 
 struct Agent {
     /// Enrolled workloads and the node proxy.
     mesh: Mesh,
+    /// The workload certificates and the trust bundle (shared with the mesh), for status.
+    certs: CertManager,
     state: State,
     datapath: Datapath,
     metrics: Metrics,
@@ -601,7 +611,8 @@ impl Agent {
             s.last_error = self.last_error.clone();
             s.certificates = self.mesh.certificates();
             s.mesh_workloads = self.mesh.local_workloads();
-            s.trust_bundle = admin::TrustAnchor::from_bundle(&self.mesh.bundle());
+            s.trust_bundle = admin::TrustAnchor::from_bundle(&self.certs.bundle());
+            s.key_exchange = self.certs.key_exchange_groups();
         }
         // Rebuilding the owners costs a copy of every service's name: only when they change.
         let version = self.datapath.services.owners_version();

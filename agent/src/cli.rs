@@ -453,6 +453,12 @@ fn certificates_text(s: &Status, now: SystemTime) -> String {
         let t = table(&["EXPIRES IN", "NOT AFTER", "CA"], &rows);
         out.push_str(&indent(&t));
     }
+    if !s.key_exchange.is_empty() {
+        out.push_str(&format!(
+            "key exchange: {} (preferred first)\n",
+            s.key_exchange.join(", ")
+        ));
+    }
     out
 }
 
@@ -815,6 +821,7 @@ mod tests {
                 cert("b", now - Duration::from_secs(125), "ff00"),
             ],
             trust_bundle: TrustAnchor::from_bundle(&bundle),
+            key_exchange: vec!["X25519MLKEM768".into(), "X25519".into()],
             ..Status::default()
         }
     }
@@ -861,6 +868,10 @@ mod tests {
             lines[ca + 2].contains("10y 3d")
                 && lines[ca + 2].contains("2037-01-15T08:00:00Z")
                 && lines[ca + 2].contains("CN=mycel CA for cluster.local"),
+            "{text}"
+        );
+        assert!(
+            lines.contains(&"key exchange: X25519MLKEM768, X25519 (preferred first)"),
             "{text}"
         );
         let empty = status_text(&Status::default(), now);

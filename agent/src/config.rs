@@ -100,6 +100,10 @@ pub struct Config {
     /// `--cert-lifetime` / `MYCEL_CERT_LIFETIME`: lifetime of workload certificates; they
     /// are renewed at half of it.
     pub cert_lifetime: std::time::Duration,
+    /// `--post-quantum` / `MYCEL_POST_QUANTUM`: `prefer` (default) offers the hybrid
+    /// post-quantum key exchange X25519MLKEM768 first and keeps X25519 for peers without
+    /// it; `require` offers and accepts X25519MLKEM768 only.
+    pub post_quantum: crate::identity::KeyExchange,
     /// `--drain-grace` / `MYCEL_DRAIN_GRACE`: on SIGTERM, how long open proxied connections
     /// may take to finish before they are closed.
     pub drain_grace: std::time::Duration,
@@ -188,6 +192,10 @@ pub struct Args {
     /// Lifetime of workload certificates (renewed at half of it), e.g. 24h, 90m.
     #[arg(long, env = "MYCEL_CERT_LIFETIME", default_value = "24h")]
     pub cert_lifetime: String,
+    /// Post-quantum key exchange of mesh connections: `prefer` (X25519MLKEM768 first,
+    /// X25519 for peers without it) or `require` (X25519MLKEM768 only).
+    #[arg(long, env = "MYCEL_POST_QUANTUM", default_value = "prefer")]
+    pub post_quantum: String,
     /// On SIGTERM, how long open proxied connections may take to finish.
     #[arg(long, env = "MYCEL_DRAIN_GRACE", default_value = DEFAULT_DRAIN_GRACE)]
     pub drain_grace: String,
@@ -282,6 +290,10 @@ impl Config {
             flows: flow_config(args)?,
             ca_dir: parse_ca_dir(args.ca_dir.as_deref(), &args.source)?,
             cert_lifetime: duration("--cert-lifetime", &args.cert_lifetime, 2)?,
+            post_quantum: args
+                .post_quantum
+                .parse()
+                .map_err(|why: String| invalid("--post-quantum", &args.post_quantum, why))?,
             drain_grace: duration("--drain-grace", &args.drain_grace, 0)?,
             access_log: args.access_log,
         })
@@ -490,6 +502,7 @@ mod tests {
             flow_log_files: flows::log::DEFAULT_FILES.to_string(),
             ca_dir: None,
             cert_lifetime: "24h".into(),
+            post_quantum: "prefer".into(),
             drain_grace: DEFAULT_DRAIN_GRACE.into(),
             access_log: false,
         }
@@ -524,6 +537,19 @@ mod tests {
         }
         let e = with(&|a| a.ca_dir = Some("relative".into())).unwrap_err();
         assert_eq!(e.setting, "--ca-dir");
+        assert_eq!(
+            cfg.post_quantum,
+            crate::identity::KeyExchange::PreferPostQuantum
+        );
+        assert_eq!(
+            with(&|a| a.post_quantum = "require".into())
+                .unwrap()
+                .post_quantum,
+            crate::identity::KeyExchange::RequirePostQuantum
+        );
+        let e = with(&|a| a.post_quantum = "yes".into()).unwrap_err();
+        assert_eq!(e.setting, "--post-quantum");
+        assert!(e.why.contains("X25519MLKEM768"), "{e}");
         // Kubernetes needs the shared CA named.
         let e = with(&|a| {
             a.source = "kubernetes".into();

@@ -10,6 +10,7 @@
 //! is what Istio's ztunnel expects on the HBONE port, so the two interoperate.
 
 mod ca;
+pub mod crypto;
 mod manager;
 mod spiffe;
 mod verify;
@@ -20,6 +21,7 @@ mod tests;
 use std::{io, path::PathBuf};
 
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW, Ca, Svid, TrustBundle};
+pub use crypto::KeyExchange;
 pub use manager::{CertInfo, CertManager, DEFAULT_SVID_LIFETIME};
 pub use spiffe::SpiffeId;
 #[cfg(test)]

@@ -546,7 +546,7 @@ fn serial_hex(cert: &CertificateDer<'_>, origin: &str) -> Result<String, Error> 
 /// need no state across restarts).
 fn random_serial(what: &str) -> Result<SerialNumber, Error> {
     let mut bytes = [0u8; 16];
-    rustls::crypto::ring::default_provider()
+    rustls::crypto::aws_lc_rs::default_provider()
         .secure_random
         .fill(&mut bytes)
         .map_err(|_| Error::Certificate {

@@ -20,7 +20,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::{sync::Notify, task::JoinHandle, time::Instant};
 
 use super::{
-    Ca, Error, SpiffeId, Svid, TrustBundle,
+    Ca, Error, KeyExchange, SpiffeId, Svid, TrustBundle, crypto,
     spiffe::check_trust_domain,
     verify::{SpiffeClientVerifier, SpiffeServerVerifier},
 };
@@ -130,11 +130,30 @@ impl CertManager {
     /// A manager that issues SVIDs valid for `svid_lifetime` from `ca`, for identities of
     /// `trust_domain`, and trusts peers whose chain ends at a CA of `bundle` (to which the
     /// CA's own certificate is added, so that the node's workloads trust each other).
+    /// Connections offer the default key exchange groups ([`KeyExchange::default`]).
     pub fn new(
+        ca: Ca,
+        bundle: TrustBundle,
+        trust_domain: &str,
+        svid_lifetime: Duration,
+    ) -> Result<Self, Error> {
+        Self::with_key_exchange(
+            ca,
+            bundle,
+            trust_domain,
+            svid_lifetime,
+            KeyExchange::default(),
+        )
+    }
+
+    /// [`CertManager::new`] whose TLS configurations offer and accept the key exchange
+    /// groups of `kx`.
+    pub fn with_key_exchange(
         ca: Ca,
         mut bundle: TrustBundle,
         trust_domain: &str,
         svid_lifetime: Duration,
+        kx: KeyExchange,
     ) -> Result<Self, Error> {
         check_trust_domain(trust_domain)?;
         if svid_lifetime < Duration::from_secs(1) {
@@ -143,9 +162,9 @@ impl CertManager {
                 reason: format!("{svid_lifetime:?} is shorter than one second"),
             });
         }
-        // Explicitly the ring provider: no reliance on a process-wide default, which
-        // another part of the process (the Kubernetes client) may or may not install.
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // An explicit provider: the key exchange groups are the mesh's own setting, not
+        // whatever default another part of the process installed.
+        let provider = Arc::new(crypto::provider(kx));
         bundle.add(ca.certificate().clone(), "the CA certificate")?;
         let state = State::new(Arc::new(ca), bundle, &provider, trust_domain)?;
         Ok(CertManager {
@@ -157,6 +176,16 @@ impl CertManager {
                 changed: Arc::new(Notify::new()),
             }),
         })
+    }
+
+    /// The key exchange groups the TLS configurations offer, most preferred first.
+    pub fn key_exchange_groups(&self) -> Vec<String> {
+        self.inner
+            .provider
+            .kx_groups
+            .iter()
+            .map(|g| crypto::group_name(g.name()))
+            .collect()
     }
 
     /// The trust domain of the identities this manager issues and accepts.

@@ -16,7 +16,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
 use super::{
-    Ca, CertManager, SpiffeId, Svid, TrustBundle, manager, peer_identity,
+    Ca, CertManager, KeyExchange, SpiffeId, Svid, TrustBundle, manager, peer_identity,
     verify::{SpiffeClientVerifier, SpiffeServerVerifier},
 };
 
@@ -42,7 +42,7 @@ fn bundle(cas: &[&Ca]) -> TrustBundle {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// A server configuration as the manager builds it, presenting any certificate.
@@ -516,4 +516,214 @@ fn server_configs_do_not_resume_sessions() {
     assert_eq!(server.send_tls13_tickets, 0);
     assert!(!server.session_storage.can_cache());
     assert!(peer_identity(&[]).is_err());
+}
+
+/// A TLS peer built with rustls alone (not with the manager's code) that offers and
+/// accepts only `groups`, as Istio's ztunnel does with `COMPLIANCE_POLICY=pqc`
+/// (X25519MLKEM768 alone) or an older peer does (X25519 alone).
+fn peer_provider(
+    groups: &[&'static dyn rustls::crypto::SupportedKxGroup],
+) -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: groups.to_vec(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    })
+}
+
+fn peer_server(
+    svid: &Svid,
+    trust: &TrustBundle,
+    groups: &[&'static dyn rustls::crypto::SupportedKxGroup],
+) -> Arc<ServerConfig> {
+    let provider = peer_provider(groups);
+    let roots = Arc::new(trust.root_store().expect("roots"));
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .expect("verifier");
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])
+        .expect("TLS 1.3")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(svid.chain().to_vec(), svid.key().clone_key())
+        .expect("server config");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+fn peer_client(
+    svid: &Svid,
+    trust: &TrustBundle,
+    groups: &[&'static dyn rustls::crypto::SupportedKxGroup],
+) -> Arc<ClientConfig> {
+    let provider = peer_provider(groups);
+    let roots = Arc::new(trust.root_store().expect("roots"));
+    // SVIDs carry no DNS name, so the name check of webpki's own verifier cannot pass.
+    let verifier = SpiffeServerVerifier::new(roots, &provider, TD, None);
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(svid.chain().to_vec(), svid.key().clone_key())
+        .expect("client config");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+/// The key exchange group both ends of an established connection agreed on.
+fn negotiated(
+    server: &server::TlsStream<TcpStream>,
+    client: &client::TlsStream<TcpStream>,
+) -> rustls::NamedGroup {
+    let on_server = server
+        .get_ref()
+        .1
+        .negotiated_key_exchange_group()
+        .expect("server: a group")
+        .name();
+    let on_client = client
+        .get_ref()
+        .1
+        .negotiated_key_exchange_group()
+        .expect("client: a group")
+        .name();
+    assert_eq!(on_server, on_client, "both ends name the same group");
+    on_server
+}
+
+/// A node's manager with one server and one client identity, and a peer's SVIDs from the
+/// same CA.
+struct PqSetup {
+    manager: CertManager,
+    server: SpiffeId,
+    client: SpiffeId,
+    peer: Svid,
+    trust: TrustBundle,
+}
+
+fn pq_setup(kx: KeyExchange) -> PqSetup {
+    let ca = ca();
+    let peer = ca
+        .issue(&id("istio", "ztunnel-peer"), HOUR, SystemTime::now())
+        .expect("svid");
+    let trust = bundle(&[&ca]);
+    let manager =
+        CertManager::with_key_exchange(ca, TrustBundle::default(), TD, HOUR, kx).expect("manager");
+    let (server, client) = (id("a", "server"), id("b", "client"));
+    manager
+        .set_identities(&[server.clone(), client.clone()])
+        .expect("issues");
+    PqSetup {
+        manager,
+        server,
+        client,
+        peer,
+        trust,
+    }
+}
+
+#[tokio::test]
+async fn a_peer_offering_only_the_hybrid_post_quantum_group_handshakes_both_ways() {
+    use rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768;
+    for kx in [
+        KeyExchange::PreferPostQuantum,
+        KeyExchange::RequirePostQuantum,
+    ] {
+        let s = pq_setup(kx);
+        // The peer dials the node.
+        let (server, client) = handshake(
+            s.manager.server_config(&s.server).expect("local"),
+            peer_client(&s.peer, &s.trust, &[X25519MLKEM768]),
+        )
+        .await
+        .established()
+        .await;
+        assert_eq!(
+            negotiated(&server, &client),
+            rustls::NamedGroup::X25519MLKEM768,
+            "{kx}"
+        );
+        // The node dials the peer.
+        let (server, client) = handshake(
+            peer_server(&s.peer, &s.trust, &[X25519MLKEM768]),
+            s.manager.client_config(&s.client, None).expect("local"),
+        )
+        .await
+        .established()
+        .await;
+        assert_eq!(
+            negotiated(&server, &client),
+            rustls::NamedGroup::X25519MLKEM768,
+            "{kx}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn mesh_connections_prefer_the_hybrid_post_quantum_group() {
+    let s = pq_setup(KeyExchange::default());
+    let (server, client) = handshake(
+        s.manager.server_config(&s.server).expect("local"),
+        s.manager
+            .client_config(&s.client, Some(&s.server))
+            .expect("local"),
+    )
+    .await
+    .established()
+    .await;
+    assert_eq!(
+        negotiated(&server, &client),
+        rustls::NamedGroup::X25519MLKEM768
+    );
+    assert_eq!(
+        s.manager.key_exchange_groups(),
+        ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"]
+    );
+}
+
+#[tokio::test]
+async fn a_classical_only_peer_is_accepted_by_default_and_refused_when_post_quantum_is_required() {
+    use rustls::crypto::aws_lc_rs::kx_group::X25519;
+    let s = pq_setup(KeyExchange::PreferPostQuantum);
+    let (server, client) = handshake(
+        s.manager.server_config(&s.server).expect("local"),
+        peer_client(&s.peer, &s.trust, &[X25519]),
+    )
+    .await
+    .established()
+    .await;
+    assert_eq!(negotiated(&server, &client), rustls::NamedGroup::X25519);
+    let (server, client) = handshake(
+        peer_server(&s.peer, &s.trust, &[X25519]),
+        s.manager.client_config(&s.client, None).expect("local"),
+    )
+    .await
+    .established()
+    .await;
+    assert_eq!(negotiated(&server, &client), rustls::NamedGroup::X25519);
+
+    let s = pq_setup(KeyExchange::RequirePostQuantum);
+    assert_eq!(s.manager.key_exchange_groups(), ["X25519MLKEM768"]);
+    // The peer dials a node that requires post-quantum: the node refuses.
+    let outcome = handshake(
+        s.manager.server_config(&s.server).expect("local"),
+        peer_client(&s.peer, &s.trust, &[X25519]),
+    )
+    .await;
+    let e = refusal(outcome.server, "the node accepted a classical key exchange");
+    assert!(e.contains("NoKxGroupsInCommon"), "{e}");
+    assert_client_cut_off(outcome.client).await;
+    // The node dials a classical-only peer: it offers nothing the peer takes.
+    let outcome = handshake(
+        peer_server(&s.peer, &s.trust, &[X25519]),
+        s.manager.client_config(&s.client, None).expect("local"),
+    )
+    .await;
+    let e = refusal(outcome.server, "the peer found a group the node offered");
+    assert!(e.contains("NoKxGroupsInCommon"), "{e}");
+    refusal(
+        outcome.client,
+        "the node completed a classical key exchange",
+    );
 }
