@@ -62,6 +62,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         flows.istio_tcp(),
         directory.clone(),
     ));
+    let ca_metrics = Arc::new(crate::identity::reload::Metrics::new(&mut registry));
     let kernel = Arc::new(KernelCounters::new(&cfg.bpffs));
     registry.register_collector(Box::new(kernel.clone()));
 
@@ -102,6 +103,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .set_proxy_tgid(std::process::id())
         .context("telling the kernel programs the proxy's process")?;
     let (mesh, certs) = start_mesh(&cfg, &datapath, proxy_metrics)?;
+    // The CA directory is read again while the agent runs: a CA rotation needs no restart.
+    crate::identity::CaDir::new(&cfg.ca_dir, ca_metrics)
+        .context("watching the CA directory")?
+        .spawn(certs.clone(), cfg.ca_reload_interval);
     // Flow events from the kernel feed metrics, the recent-flows ring and the flow log; the
     // FLOWS table is read every few seconds so long connections count bytes while open.
     let ring = match datapath.take_flow_events() {
@@ -239,7 +244,8 @@ fn start_mesh(
         SourceConfig::File(_) => Ca::load_or_create(&cfg.ca_dir, &cfg.trust_domain)
             .with_context(|| format!("the CA in {}", cfg.ca_dir.display()))?,
     };
-    let bundle = TrustBundle::from_pem(ca.cert_pem().as_bytes(), "the CA")?;
+    // The roots are those the CA's file names (the manager adds them).
+    let bundle = TrustBundle::default();
     let certs = CertManager::with_key_exchange(
         ca,
         bundle,
@@ -613,6 +619,8 @@ impl Agent {
             s.mesh_workloads = self.mesh.local_workloads();
             s.trust_bundle = admin::TrustAnchor::from_bundle(&self.certs.bundle());
             s.key_exchange = self.certs.key_exchange_groups();
+            s.signing_ca = self.certs.signing_ca();
+            s.ca_reload = self.certs.reload_status();
         }
         // Rebuilding the owners costs a copy of every service's name: only when they change.
         let version = self.datapath.services.owners_version();

@@ -453,6 +453,14 @@ fn certificates_text(s: &Status, now: SystemTime) -> String {
         let t = table(&["EXPIRES IN", "NOT AFTER", "CA"], &rows);
         out.push_str(&indent(&t));
     }
+    if !s.signing_ca.is_empty() {
+        out.push_str(&format!("signing CA: {}\n", s.signing_ca));
+    }
+    if let Some(e) = &s.ca_reload.error {
+        out.push_str(&format!(
+            "CA directory NOT APPLIED (the last good CA and trust bundle are in force): {e}\n"
+        ));
+    }
     if !s.key_exchange.is_empty() {
         out.push_str(&format!(
             "key exchange: {} (preferred first)\n",
@@ -809,6 +817,7 @@ mod tests {
             not_before: now - Duration::from_secs(300),
             not_after,
             serial: serial.into(),
+            issuer: String::new(),
         };
         Status {
             version: "0.1.0".into(),

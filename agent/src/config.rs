@@ -100,6 +100,9 @@ pub struct Config {
     /// `--cert-lifetime` / `MYCEL_CERT_LIFETIME`: lifetime of workload certificates; they
     /// are renewed at half of it.
     pub cert_lifetime: std::time::Duration,
+    /// `--ca-reload-interval` / `MYCEL_CA_RELOAD_INTERVAL`: how often the CA directory is
+    /// read for changes (a CA rotation applies without a restart).
+    pub ca_reload_interval: std::time::Duration,
     /// `--post-quantum` / `MYCEL_POST_QUANTUM`: `prefer` (default) offers the hybrid
     /// post-quantum key exchange X25519MLKEM768 first and keeps X25519 for peers without
     /// it; `require` offers and accepts X25519MLKEM768 only.
@@ -192,6 +195,9 @@ pub struct Args {
     /// Lifetime of workload certificates (renewed at half of it), e.g. 24h, 90m.
     #[arg(long, env = "MYCEL_CERT_LIFETIME", default_value = "24h")]
     pub cert_lifetime: String,
+    /// How often the CA directory is read for changes (e.g. 5s, 500ms).
+    #[arg(long, env = "MYCEL_CA_RELOAD_INTERVAL", default_value = "5s")]
+    pub ca_reload_interval: String,
     /// Post-quantum key exchange of mesh connections: `prefer` (X25519MLKEM768 first,
     /// X25519 for peers without it) or `require` (X25519MLKEM768 only).
     #[arg(long, env = "MYCEL_POST_QUANTUM", default_value = "prefer")]
@@ -290,6 +296,17 @@ impl Config {
             flows: flow_config(args)?,
             ca_dir: parse_ca_dir(args.ca_dir.as_deref(), &args.source)?,
             cert_lifetime: duration("--cert-lifetime", &args.cert_lifetime, 2)?,
+            ca_reload_interval: match duration("--ca-reload-interval", &args.ca_reload_interval, 0)?
+            {
+                d if d < std::time::Duration::from_millis(50) => {
+                    return Err(invalid(
+                        "--ca-reload-interval",
+                        &args.ca_reload_interval,
+                        "must be at least 50ms",
+                    ));
+                }
+                d => d,
+            },
             post_quantum: args
                 .post_quantum
                 .parse()
@@ -503,6 +520,7 @@ mod tests {
             ca_dir: None,
             cert_lifetime: "24h".into(),
             post_quantum: "prefer".into(),
+            ca_reload_interval: "5s".into(),
             drain_grace: DEFAULT_DRAIN_GRACE.into(),
             access_log: false,
         }

@@ -12,6 +12,7 @@
 mod ca;
 pub mod crypto;
 mod manager;
+pub mod reload;
 mod spiffe;
 mod verify;
 
@@ -22,7 +23,8 @@ use std::{io, path::PathBuf};
 
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW, Ca, Svid, TrustBundle};
 pub use crypto::KeyExchange;
-pub use manager::{CertInfo, CertManager, DEFAULT_SVID_LIFETIME};
+pub use manager::{CertInfo, CertManager, DEFAULT_SVID_LIFETIME, WeakCertManager};
+pub use reload::{CaDir, ReloadStatus};
 pub use spiffe::SpiffeId;
 #[cfg(test)]
 pub(crate) use verify::SpiffeServerVerifier;
