@@ -530,10 +530,14 @@ impl Agent {
 
     /// Retries what failed for want of an interface; counts what background tasks lost.
     fn housekeeping(&mut self) {
-        // Certificates renew in the background: show the current ones.
+        // Certificates renew, and the CA directory is reloaded, in the background: show
+        // the current ones.
         if let Ok(mut s) = self.shared.status.write() {
             s.certificates = self.mesh.certificates();
             s.mesh_workloads = self.mesh.local_workloads();
+            s.trust_bundle = admin::TrustAnchor::from_bundle(&self.certs.bundle());
+            s.signing_ca = self.certs.signing_ca();
+            s.ca_reload = self.certs.reload_status();
         }
         if self.mesh.has_pending() {
             self.sync_mesh();

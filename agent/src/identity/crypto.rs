@@ -21,12 +21,13 @@ use serde::{Deserialize, Serialize};
 
 /// Which key exchange groups mesh connections offer and accept.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
 pub enum KeyExchange {
     /// X25519MLKEM768 first, then X25519, P-256 and P-384 for peers without it.
     #[default]
+    #[serde(rename = "prefer")]
     PreferPostQuantum,
     /// X25519MLKEM768 only: a peer that cannot do it fails the handshake.
+    #[serde(rename = "require")]
     RequirePostQuantum,
 }
 
