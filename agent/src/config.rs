@@ -375,7 +375,11 @@ fn parse_ca_dir(v: Option<&str>, source: &str) -> Result<PathBuf, Error> {
 }
 
 /// A duration such as `24h`, `90m`, `5s`, `250ms`, at least `min_secs`.
-fn duration(setting: &'static str, v: &str, min_secs: u64) -> Result<std::time::Duration, Error> {
+pub(crate) fn duration(
+    setting: &'static str,
+    v: &str,
+    min_secs: u64,
+) -> Result<std::time::Duration, Error> {
     let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (number, unit) = v.split_at(digits);
     let millis = match unit {

@@ -13,6 +13,7 @@ mod ca;
 pub mod crypto;
 mod manager;
 pub mod reload;
+pub mod server;
 mod spiffe;
 mod verify;
 

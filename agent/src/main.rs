@@ -51,6 +51,7 @@ fn main() {
         Command::Services(args) => runtime.block_on(cli::services(args)),
         Command::Flows(args) => runtime.block_on(cli::flows(args)),
         Command::Ca(args) => cli::ca(args),
+        Command::IdentityServer(args) => runtime.block_on(cli::identity_server(args)),
     };
     if let Err(e) = result {
         eprintln!("mycel: {e:#}");

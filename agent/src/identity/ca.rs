@@ -395,6 +395,58 @@ impl Ca {
             source,
         };
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
+        let mut params = self.leaf_params(id, lifetime, now)?;
+        adjust(&mut params);
+        let cert = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
+        let (chain, not_before, not_after, serial) = self.chain_of(id, cert.der().clone())?;
+        Ok(Svid {
+            id: id.clone(),
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            not_before,
+            not_after,
+            serial,
+        })
+    }
+
+    /// Signs a certificate for `id` with the public key of a PKCS#10 request (PEM), as the
+    /// identity server does for agents: the request's signature must verify (its sender
+    /// holds the key), and nothing else of it is used: names, extensions and validity are
+    /// those of [`Ca::issue`]. Returns the chain (leaf first) in PEM.
+    pub fn sign_request(
+        &self,
+        id: &SpiffeId,
+        csr_pem: &str,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<String, Error> {
+        let csr =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| Error::Pem {
+                origin: format!("the certificate request for {id}"),
+                reason: format!("not a valid PKCS#10 request: {e}"),
+            })?;
+        let params = self.leaf_params(id, lifetime, now)?;
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|source| Error::Sign {
+                what: format!("issuing a certificate for {id}"),
+                source,
+            })?;
+        let (chain, ..) = self.chain_of(id, cert.der().clone())?;
+        Ok(chain.iter().map(to_pem).collect())
+    }
+
+    /// The parameters of an SVID for `id`, valid from `now` for `lifetime`.
+    fn leaf_params(
+        &self,
+        id: &SpiffeId,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<CertificateParams, Error> {
+        let sign_err = |source| Error::Sign {
+            what: format!("issuing a certificate for {id}"),
+            source,
+        };
         let uri = Ia5String::try_from(id.to_string()).map_err(sign_err)?;
         let mut params = CertificateParams::default();
         // An empty subject: the identity is the URI SAN alone (rcgen then marks the SAN
@@ -422,22 +474,21 @@ impl Ca {
         params.not_before =
             rcgen::date_time_ymd(1970, 1, 1) + since_epoch(not_before, "notBefore")?;
         params.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(not_after, "notAfter")?;
-        adjust(&mut params);
-        let cert = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
-        let leaf = cert.der().clone();
+        Ok(params)
+    }
+
+    /// The chain of a signed leaf, and its validity and serial.
+    fn chain_of(
+        &self,
+        id: &SpiffeId,
+        leaf: CertificateDer<'static>,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime, SystemTime, String), Error> {
         let origin = format!("certificate for {id}");
         let (not_before, not_after) = validity(&leaf, &origin)?;
         let serial = serial_hex(&leaf, &origin)?;
         let mut chain = vec![leaf];
         chain.extend(self.chain.iter().cloned());
-        Ok(Svid {
-            id: id.clone(),
-            chain,
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-            not_before,
-            not_after,
-            serial,
-        })
+        Ok((chain, not_before, not_after, serial))
     }
 }
 
@@ -556,6 +607,44 @@ impl fmt::Debug for Svid {
 }
 
 impl Svid {
+    /// An SVID issued elsewhere (by the identity server): `chain_pem` leaf first, for the
+    /// key `key` whose public key is `public_key`. The leaf must name exactly `id` and
+    /// hold that key.
+    pub fn from_issued(
+        id: &SpiffeId,
+        chain_pem: &[u8],
+        key: PrivateKeyDer<'static>,
+        public_key: &[u8],
+    ) -> Result<Svid, Error> {
+        let origin = format!("the certificate issued for {id}");
+        let chain = parse_certificates(chain_pem, &origin)?;
+        let leaf = chain.first().ok_or_else(|| Error::Pem {
+            origin: origin.clone(),
+            reason: "no certificate".to_owned(),
+        })?;
+        let named = super::peer_identity(std::slice::from_ref(leaf))?;
+        let (_, parsed) = X509Certificate::from_der(leaf).map_err(|e| Error::Certificate {
+            origin: origin.clone(),
+            reason: format!("not an X.509 certificate: {e}"),
+        })?;
+        if named != *id || parsed.public_key().subject_public_key.data.as_ref() != public_key {
+            return Err(Error::Certificate {
+                origin,
+                reason: format!("names {named} or holds another key"),
+            });
+        }
+        let (not_before, not_after) = validity(leaf, &origin)?;
+        let serial = serial_hex(leaf, &origin)?;
+        Ok(Svid {
+            id: id.clone(),
+            chain,
+            key,
+            not_before,
+            not_after,
+            serial,
+        })
+    }
+
     /// The identity the certificate names.
     pub fn id(&self) -> &SpiffeId {
         &self.id
@@ -599,7 +688,7 @@ impl Svid {
     }
 }
 
-fn to_pem(cert: &CertificateDer<'_>) -> String {
+pub(super) fn to_pem(cert: &CertificateDer<'_>) -> String {
     // Lines of 64 characters, as RFC 7468 asks.
     let mut out = String::new();
     out.push_str("-----BEGIN CERTIFICATE-----\n");
