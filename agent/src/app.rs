@@ -63,6 +63,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         directory.clone(),
     ));
     let ca_metrics = Arc::new(crate::identity::reload::Metrics::new(&mut registry));
+    registry.register(
+        "mycel_tls_key_exchanges",
+        "Key exchanges of mesh TLS handshakes, by the group negotiated",
+        crate::identity::crypto::key_exchanges(),
+    );
     let kernel = Arc::new(KernelCounters::new(&cfg.bpffs));
     registry.register_collector(Box::new(kernel.clone()));
 

@@ -269,6 +269,16 @@ fn ca_rotation_across_two_nodes_without_a_failed_connection_or_a_restart() {
         answers >= 10,
         "the long-lived connection kept answering: {lines:?}"
     );
+    // Every tunnel between the agents agreed on the post-quantum hybrid group.
+    for agent in [&a1, &a2] {
+        let kx = |group: &str| {
+            agent
+                .metric_value("mycel_tls_key_exchanges_total", &[("group", group)])
+                .unwrap_or(0.0)
+        };
+        assert!(kx("X25519MLKEM768") >= 8.0, "{}", agent.metrics());
+        assert_eq!(kx("X25519"), 0.0, "{}", agent.metrics());
+    }
     assert_eq!(mtls_handshake_failures(&a1), 0.0, "{}", a1.metrics());
     assert_eq!(mtls_handshake_failures(&a2), 0.0, "{}", a2.metrics());
     // No restart: the same processes all along, and the changes counted as applied.

@@ -11,11 +11,19 @@
 //! parts that do not pass one explicitly (the Kubernetes client); the mesh's TLS
 //! configurations pass theirs, built by [`provider`].
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::LazyLock};
 
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 use rustls::{
-    NamedGroup,
-    crypto::{CryptoProvider, SupportedKxGroup, aws_lc_rs},
+    NamedGroup, ProtocolVersion, SupportedProtocolVersion,
+    crypto::{
+        ActiveKeyExchange, CompletedKeyExchange, CryptoProvider, SharedSecret, SupportedKxGroup,
+        aws_lc_rs,
+    },
+    ffdhe_groups::FfdheGroup,
 };
 use serde::{Deserialize, Serialize};
 
@@ -32,16 +40,17 @@ pub enum KeyExchange {
 }
 
 impl KeyExchange {
-    /// The groups, most preferred first.
+    /// The groups, most preferred first; each counts the key exchanges it completes in
+    /// [`key_exchanges`].
     pub fn groups(self) -> Vec<&'static dyn SupportedKxGroup> {
+        let counted = &*COUNTED;
+        let all: Vec<&'static dyn SupportedKxGroup> = counted
+            .iter()
+            .map(|c| c as &'static dyn SupportedKxGroup)
+            .collect();
         match self {
-            KeyExchange::PreferPostQuantum => vec![
-                aws_lc_rs::kx_group::X25519MLKEM768,
-                aws_lc_rs::kx_group::X25519,
-                aws_lc_rs::kx_group::SECP256R1,
-                aws_lc_rs::kx_group::SECP384R1,
-            ],
-            KeyExchange::RequirePostQuantum => vec![aws_lc_rs::kx_group::X25519MLKEM768],
+            KeyExchange::PreferPostQuantum => all,
+            KeyExchange::RequirePostQuantum => all[..1].to_vec(),
         }
     }
 
@@ -102,5 +111,127 @@ pub fn group_name(group: NamedGroup) -> String {
         NamedGroup::secp256r1 => "secp256r1".to_owned(),
         NamedGroup::secp384r1 => "secp384r1".to_owned(),
         other => format!("{other:?}"),
+    }
+}
+
+/// Labels of `mycel_tls_key_exchanges_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyExchangeLabels {
+    /// The group as [`group_name`] spells it.
+    pub group: String,
+}
+
+static KEY_EXCHANGES: LazyLock<Family<KeyExchangeLabels, Counter>> = LazyLock::new(Family::default);
+
+/// `mycel_tls_key_exchanges_total{group}`: the key exchanges mesh connections completed,
+/// by the group negotiated, on either end (register it once per process).
+pub fn key_exchanges() -> Family<KeyExchangeLabels, Counter> {
+    KEY_EXCHANGES.clone()
+}
+
+fn count(group: NamedGroup) {
+    KEY_EXCHANGES
+        .get_or_create(&KeyExchangeLabels {
+            group: group_name(group),
+        })
+        .inc();
+}
+
+/// The groups mesh connections may offer, most preferred first, each counting what it
+/// completes. `'static`, as rustls wants its groups.
+static COUNTED: LazyLock<[Counted; 4]> = LazyLock::new(|| {
+    [
+        Counted(aws_lc_rs::kx_group::X25519MLKEM768),
+        Counted(aws_lc_rs::kx_group::X25519),
+        Counted(aws_lc_rs::kx_group::SECP256R1),
+        Counted(aws_lc_rs::kx_group::SECP384R1),
+    ]
+});
+
+/// A group of the provider that counts the key exchanges it completes: on the server,
+/// the group it chose ([`SupportedKxGroup::start_and_complete`]); on the client, the share
+/// the server took (its classical half, when the server chose X25519 from a hybrid
+/// share). Everything else is the provider's.
+#[derive(Debug)]
+struct Counted(&'static dyn SupportedKxGroup);
+
+impl SupportedKxGroup for Counted {
+    fn start(&self) -> Result<Box<dyn ActiveKeyExchange>, rustls::Error> {
+        Ok(Box::new(CountedActive(self.0.start()?)))
+    }
+
+    fn start_and_complete(
+        &self,
+        peer_pub_key: &[u8],
+    ) -> Result<CompletedKeyExchange, rustls::Error> {
+        let done = self.0.start_and_complete(peer_pub_key)?;
+        count(done.group);
+        Ok(done)
+    }
+
+    fn ffdhe_group(&self) -> Option<FfdheGroup<'static>> {
+        self.0.ffdhe_group()
+    }
+
+    fn name(&self) -> NamedGroup {
+        self.0.name()
+    }
+
+    fn fips(&self) -> bool {
+        self.0.fips()
+    }
+
+    fn usable_for_version(&self, version: ProtocolVersion) -> bool {
+        self.0.usable_for_version(version)
+    }
+}
+
+struct CountedActive(Box<dyn ActiveKeyExchange>);
+
+impl ActiveKeyExchange for CountedActive {
+    fn complete(self: Box<Self>, peer_pub_key: &[u8]) -> Result<SharedSecret, rustls::Error> {
+        let group = self.0.group();
+        let secret = self.0.complete(peer_pub_key)?;
+        count(group);
+        Ok(secret)
+    }
+
+    fn complete_for_tls_version(
+        self: Box<Self>,
+        peer_pub_key: &[u8],
+        tls_version: &SupportedProtocolVersion,
+    ) -> Result<SharedSecret, rustls::Error> {
+        let group = self.0.group();
+        let secret = self.0.complete_for_tls_version(peer_pub_key, tls_version)?;
+        count(group);
+        Ok(secret)
+    }
+
+    fn hybrid_component(&self) -> Option<(NamedGroup, &[u8])> {
+        self.0.hybrid_component()
+    }
+
+    fn complete_hybrid_component(
+        self: Box<Self>,
+        peer_pub_key: &[u8],
+    ) -> Result<SharedSecret, rustls::Error> {
+        let group = self.0.hybrid_component().map(|(g, _)| g);
+        let secret = self.0.complete_hybrid_component(peer_pub_key)?;
+        if let Some(group) = group {
+            count(group);
+        }
+        Ok(secret)
+    }
+
+    fn pub_key(&self) -> &[u8] {
+        self.0.pub_key()
+    }
+
+    fn ffdhe_group(&self) -> Option<FfdheGroup<'static>> {
+        self.0.ffdhe_group()
+    }
+
+    fn group(&self) -> NamedGroup {
+        self.0.group()
     }
 }

@@ -667,6 +667,14 @@ async fn a_peer_offering_only_the_hybrid_post_quantum_group_handshakes_both_ways
 #[tokio::test]
 async fn mesh_connections_prefer_the_hybrid_post_quantum_group() {
     let s = pq_setup(KeyExchange::default());
+    let hybrid = || {
+        super::crypto::key_exchanges()
+            .get_or_create(&super::crypto::KeyExchangeLabels {
+                group: "X25519MLKEM768".to_owned(),
+            })
+            .get()
+    };
+    let before = hybrid();
     let (server, client) = handshake(
         s.manager.server_config(&s.server).expect("local"),
         s.manager
@@ -680,6 +688,8 @@ async fn mesh_connections_prefer_the_hybrid_post_quantum_group() {
         negotiated(&server, &client),
         rustls::NamedGroup::X25519MLKEM768
     );
+    // Both ends are the node's: each counted it.
+    assert!(hybrid() >= before + 2, "the key exchanges were not counted");
     assert_eq!(
         s.manager.key_exchange_groups(),
         ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"]
@@ -690,6 +700,14 @@ async fn mesh_connections_prefer_the_hybrid_post_quantum_group() {
 async fn a_classical_only_peer_is_accepted_by_default_and_refused_when_post_quantum_is_required() {
     use rustls::crypto::aws_lc_rs::kx_group::X25519;
     let s = pq_setup(KeyExchange::PreferPostQuantum);
+    let classical = || {
+        super::crypto::key_exchanges()
+            .get_or_create(&super::crypto::KeyExchangeLabels {
+                group: "X25519".to_owned(),
+            })
+            .get()
+    };
+    let before = classical();
     let (server, client) = handshake(
         s.manager.server_config(&s.server).expect("local"),
         peer_client(&s.peer, &s.trust, &[X25519]),
@@ -698,6 +716,9 @@ async fn a_classical_only_peer_is_accepted_by_default_and_refused_when_post_quan
     .established()
     .await;
     assert_eq!(negotiated(&server, &client), rustls::NamedGroup::X25519);
+    // The node's end counted the classical key exchange (tests running alongside may
+    // count more).
+    assert!(classical() > before, "the key exchange was not counted");
     let (server, client) = handshake(
         peer_server(&s.peer, &s.trust, &[X25519]),
         s.manager.client_config(&s.client, None).expect("local"),
