@@ -76,6 +76,16 @@ pub struct Status {
     /// The CA certificates peers' chains may end at (two during a CA rotation).
     #[serde(default)]
     pub trust_bundle: Vec<TrustAnchor>,
+    /// The TLS key exchange groups mesh connections offer, most preferred first.
+    #[serde(default)]
+    pub key_exchange: Vec<String>,
+    /// The subject of the CA that signs this node's workload certificates.
+    #[serde(default)]
+    pub signing_ca: String,
+    /// Reloads of the CA directory, and why the files on disk are not in force while they
+    /// are not.
+    #[serde(default)]
+    pub ca_reload: crate::identity::ReloadStatus,
 }
 
 /// One CA certificate of the trust bundle, as `mycel status` shows it.

@@ -67,6 +67,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         flows.istio_tcp(),
         directory.clone(),
     ));
+    let ca_metrics = Arc::new(crate::identity::reload::Metrics::new(&mut registry));
+    registry.register(
+        "mycel_tls_key_exchanges",
+        "Key exchanges of mesh TLS handshakes, by the group negotiated",
+        crate::identity::crypto::key_exchanges(),
+    );
     let kernel = Arc::new(KernelCounters::new(&cfg.bpffs));
     registry.register_collector(Box::new(kernel.clone()));
 
@@ -106,7 +112,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .mesh
         .set_proxy_tgid(std::process::id())
         .context("telling the kernel programs the proxy's process")?;
-    let mesh = start_mesh(&cfg, &datapath, proxy_metrics)?;
+    let (mesh, certs) = start_mesh(&cfg, &datapath, proxy_metrics)?;
+    // The CA directory is read again while the agent runs: a CA rotation needs no restart.
+    crate::identity::CaDir::new(&cfg.ca_dir, ca_metrics)
+        .context("watching the CA directory")?
+        .spawn(certs.clone(), cfg.ca_reload_interval);
     // Flow events from the kernel feed metrics, the recent-flows ring and the flow log; the
     // FLOWS table is read every few seconds so long connections count bytes while open.
     let ring = match datapath.take_flow_events() {
@@ -200,6 +210,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         mesh,
         node_traffic: cfg.node_traffic,
         pods_cgroup_id,
+        certs,
     };
     agent.publish();
 
@@ -246,7 +257,7 @@ fn start_mesh(
     cfg: &Config,
     datapath: &Datapath,
     metrics: Arc<ProxyMetrics>,
-) -> anyhow::Result<Mesh> {
+) -> anyhow::Result<(Mesh, CertManager)> {
     let ca = match &cfg.source {
         SourceConfig::Kubernetes { .. } => {
             let cert = cfg.ca_dir.join(crate::identity::CA_CERT_FILE);
@@ -268,23 +279,33 @@ fn start_mesh(
         SourceConfig::File(_) => Ca::load_or_create(&cfg.ca_dir, &cfg.trust_domain)
             .with_context(|| format!("the CA in {}", cfg.ca_dir.display()))?,
     };
-    let bundle = TrustBundle::from_pem(ca.cert_pem().as_bytes(), "the CA")?;
-    let certs = CertManager::new(ca, bundle, &cfg.trust_domain, cfg.cert_lifetime)
-        .context("starting the certificate manager")?;
-    Ok(Mesh::new(
+    // The roots are those the CA's file names (the manager adds them).
+    let bundle = TrustBundle::default();
+    let certs = CertManager::with_key_exchange(
+        ca,
+        bundle,
+        &cfg.trust_domain,
+        cfg.cert_lifetime,
+        cfg.post_quantum,
+    )
+    .context("starting the certificate manager")?;
+    let mesh = Mesh::new(
         MeshConfig {
             proxy: proxy::Config::default(),
             access_log: cfg.access_log,
         },
-        certs,
+        certs.clone(),
         datapath.mesh.orig_dst_table(),
         metrics,
-    ))
+    );
+    Ok((mesh, certs))
 }
 
 struct Agent {
     /// Enrolled workloads and the node proxy.
     mesh: Mesh,
+    /// The workload certificates and the trust bundle (shared with the mesh), for status.
+    certs: CertManager,
     state: State,
     datapath: Datapath,
     metrics: Metrics,
@@ -599,11 +620,15 @@ impl Agent {
 
     /// Retries what failed for want of an interface; counts what background tasks lost.
     fn housekeeping(&mut self) {
-        // Certificates renew in the background: show the current ones.
+        // Certificates renew, and the CA directory is reloaded, in the background: show
+        // the current ones.
         if let Ok(mut s) = self.shared.status.write() {
             s.certificates = self.mesh.certificates();
             s.mesh_workloads = self.mesh.local_workloads();
             s.mesh_pending = self.mesh.pending();
+            s.trust_bundle = admin::TrustAnchor::from_bundle(&self.certs.bundle());
+            s.signing_ca = self.certs.signing_ca();
+            s.ca_reload = self.certs.reload_status();
         }
         if !self.tc_pending.is_empty() {
             tokio::task::block_in_place(|| self.sync_policy(false));
@@ -689,7 +714,10 @@ impl Agent {
             s.certificates = self.mesh.certificates();
             s.mesh_workloads = self.mesh.local_workloads();
             s.mesh_pending = self.mesh.pending();
-            s.trust_bundle = admin::TrustAnchor::from_bundle(&self.mesh.bundle());
+            s.trust_bundle = admin::TrustAnchor::from_bundle(&self.certs.bundle());
+            s.key_exchange = self.certs.key_exchange_groups();
+            s.signing_ca = self.certs.signing_ca();
+            s.ca_reload = self.certs.reload_status();
         }
         // Rebuilding the owners costs a copy of every service's name: only when they change.
         let version = self.datapath.services.owners_version();

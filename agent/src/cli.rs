@@ -4,6 +4,7 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -51,6 +52,154 @@ pub enum Command {
     Flows(FlowsArgs),
     /// Manage the mesh's certificate authority.
     Ca(CaArgs),
+    /// Run the identity server: in Kubernetes, the only holder of the CA key; it signs
+    /// node agents' certificate requests for the pods of their own node.
+    IdentityServer(IdentityServerArgs),
+}
+
+/// `mycel identity-server`.
+#[derive(Debug, clap::Args)]
+pub struct IdentityServerArgs {
+    /// Where agents send certificate requests (TLS).
+    #[arg(long, env = "MYCEL_LISTEN", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics (plain HTTP, /metrics).
+    #[arg(long, env = "MYCEL_METRICS_ADDR", default_value = config::DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// Directory of the CA (ca.pem, ca-key.pem), mounted from the Secret mycel-ca.
+    #[arg(long, env = "MYCEL_CA_DIR")]
+    pub ca_dir: PathBuf,
+    /// The trust domain of the identities it signs.
+    #[arg(long, env = "MYCEL_TRUST_DOMAIN", default_value = config::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// The node agents' ServiceAccount, NAMESPACE/NAME: only its pod-bound tokens are
+    /// served.
+    #[arg(
+        long,
+        env = "MYCEL_AGENT_SERVICE_ACCOUNT",
+        default_value = "mycel-system/mycel"
+    )]
+    pub agent_service_account: String,
+    /// The server's own SPIFFE ID, which agents expect [default:
+    /// spiffe://TRUST_DOMAIN/ns/mycel-system/sa/mycel-identity].
+    #[arg(long, env = "MYCEL_IDENTITY")]
+    pub identity: Option<String>,
+    /// Lifetime of the certificates it signs.
+    #[arg(long, env = "MYCEL_CERT_LIFETIME", default_value = "24h")]
+    pub cert_lifetime: String,
+    /// Kubeconfig file [default: the in-cluster service account].
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// `mycel identity-server`: serves until SIGTERM or SIGINT.
+pub async fn identity_server(args: &IdentityServerArgs) -> anyhow::Result<()> {
+    use crate::identity::server::{IdentityServer, Metrics, OwnCertificate, Settings};
+    use anyhow::Context as _;
+    fn usage<T>(e: config::Error) -> T {
+        eprintln!("mycel: {e}");
+        std::process::exit(config::EXIT_USAGE);
+    }
+    let lifetime =
+        config::duration("--cert-lifetime", &args.cert_lifetime, 2).unwrap_or_else(usage);
+    let agent_service_account = match args.agent_service_account.split_once('/') {
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+            (ns.to_owned(), sa.to_owned())
+        }
+        _ => usage(config::Error {
+            setting: "--agent-service-account",
+            value: args.agent_service_account.clone(),
+            why: "expected NAMESPACE/NAME".to_owned(),
+        }),
+    };
+    let own_id = match &args.identity {
+        Some(id) => identity::SpiffeId::parse(id),
+        None => identity::SpiffeId::new(&args.trust_domain, "mycel-system", "mycel-identity"),
+    }
+    .context("--identity")?;
+    let read = |name: &str| {
+        let path = args.ca_dir.join(name);
+        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let ca = Arc::new(Ca::from_pem_paths(
+        &read(identity::CA_CERT_FILE)?,
+        &args.ca_dir.join(identity::CA_CERT_FILE),
+        &read(identity::CA_KEY_FILE)?,
+        &args.ca_dir.join(identity::CA_KEY_FILE),
+    )?);
+    let client = crate::source::k8s::client(args.kubeconfig.as_deref()).await?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let tls =
+        Arc::new(OwnCertificate::new(ca.clone(), own_id.clone(), lifetime)).server_config()?;
+    let server = Arc::new(IdentityServer::new(
+        ca,
+        client,
+        Settings {
+            trust_domain: args.trust_domain.clone(),
+            agent_service_account,
+            lifetime,
+        },
+        metrics,
+    ));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("listening on {}", args.metrics_addr))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        metrics = %metrics_listener.local_addr()?,
+        identity = %own_id,
+        "identity server listening"
+    );
+    let registry = Arc::new(registry);
+    tokio::spawn(serve_metrics(metrics_listener, registry));
+    tokio::select! {
+        () = server.serve(listener, tls) => {}
+        r = tokio::signal::ctrl_c() => { r?; }
+        () = sigterm() => {}
+    }
+    Ok(())
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Prometheus text on `GET /metrics`.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: Arc<prometheus_client::registry::Registry>,
+) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |_req| {
+                let registry = registry.clone();
+                async move {
+                    let mut text = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(text)),
+                    ))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        });
+    }
 }
 
 /// `mycel ca`: the mesh's certificate authority.
@@ -457,6 +606,20 @@ fn certificates_text(s: &Status, now: SystemTime) -> String {
         let t = table(&["EXPIRES IN", "NOT AFTER", "CA"], &rows);
         out.push_str(&indent(&t));
     }
+    if !s.signing_ca.is_empty() {
+        out.push_str(&format!("signing CA: {}\n", s.signing_ca));
+    }
+    if let Some(e) = &s.ca_reload.error {
+        out.push_str(&format!(
+            "CA directory NOT APPLIED (the last good CA and trust bundle are in force): {e}\n"
+        ));
+    }
+    if !s.key_exchange.is_empty() {
+        out.push_str(&format!(
+            "key exchange: {} (preferred first)\n",
+            s.key_exchange.join(", ")
+        ));
+    }
     out
 }
 
@@ -807,6 +970,7 @@ mod tests {
             not_before: now - Duration::from_secs(300),
             not_after,
             serial: serial.into(),
+            issuer: String::new(),
         };
         Status {
             version: "0.1.0".into(),
@@ -819,6 +983,7 @@ mod tests {
                 cert("b", now - Duration::from_secs(125), "ff00"),
             ],
             trust_bundle: TrustAnchor::from_bundle(&bundle),
+            key_exchange: vec!["X25519MLKEM768".into(), "X25519".into()],
             ..Status::default()
         }
     }
@@ -865,6 +1030,10 @@ mod tests {
             lines[ca + 2].contains("10y 3d")
                 && lines[ca + 2].contains("2037-01-15T08:00:00Z")
                 && lines[ca + 2].contains("CN=mycel CA for cluster.local"),
+            "{text}"
+        );
+        assert!(
+            lines.contains(&"key exchange: X25519MLKEM768, X25519 (preferred first)"),
             "{text}"
         );
         let empty = status_text(&Status::default(), now);

@@ -106,6 +106,13 @@ pub struct Config {
     /// `--cert-lifetime` / `MYCEL_CERT_LIFETIME`: lifetime of workload certificates; they
     /// are renewed at half of it.
     pub cert_lifetime: std::time::Duration,
+    /// `--ca-reload-interval` / `MYCEL_CA_RELOAD_INTERVAL`: how often the CA directory is
+    /// read for changes (a CA rotation applies without a restart).
+    pub ca_reload_interval: std::time::Duration,
+    /// `--post-quantum` / `MYCEL_POST_QUANTUM`: `prefer` (default) offers the hybrid
+    /// post-quantum key exchange X25519MLKEM768 first and keeps X25519 for peers without
+    /// it; `require` offers and accepts X25519MLKEM768 only.
+    pub post_quantum: crate::identity::KeyExchange,
     /// `--drain-grace` / `MYCEL_DRAIN_GRACE`: on SIGTERM, how long open proxied connections
     /// may take to finish before they are closed.
     pub drain_grace: std::time::Duration,
@@ -206,6 +213,13 @@ pub struct Args {
     /// Lifetime of workload certificates (renewed at half of it), e.g. 24h, 90m.
     #[arg(long, env = "MYCEL_CERT_LIFETIME", default_value = "24h")]
     pub cert_lifetime: String,
+    /// How often the CA directory is read for changes (e.g. 5s, 500ms).
+    #[arg(long, env = "MYCEL_CA_RELOAD_INTERVAL", default_value = "5s")]
+    pub ca_reload_interval: String,
+    /// Post-quantum key exchange of mesh connections: `prefer` (X25519MLKEM768 first,
+    /// X25519 for peers without it) or `require` (X25519MLKEM768 only).
+    #[arg(long, env = "MYCEL_POST_QUANTUM", default_value = "prefer")]
+    pub post_quantum: String,
     /// On SIGTERM, how long open proxied connections may take to finish.
     #[arg(long, env = "MYCEL_DRAIN_GRACE", default_value = DEFAULT_DRAIN_GRACE)]
     pub drain_grace: String,
@@ -309,6 +323,21 @@ impl Config {
             ca_dir: parse_ca_dir(args.ca_dir.as_deref(), &args.source)?,
             state_dir: absolute("--state-dir", &args.state_dir)?,
             cert_lifetime: duration("--cert-lifetime", &args.cert_lifetime, 2)?,
+            ca_reload_interval: match duration("--ca-reload-interval", &args.ca_reload_interval, 0)?
+            {
+                d if d < std::time::Duration::from_millis(50) => {
+                    return Err(invalid(
+                        "--ca-reload-interval",
+                        &args.ca_reload_interval,
+                        "must be at least 50ms",
+                    ));
+                }
+                d => d,
+            },
+            post_quantum: args
+                .post_quantum
+                .parse()
+                .map_err(|why: String| invalid("--post-quantum", &args.post_quantum, why))?,
             drain_grace: duration("--drain-grace", &args.drain_grace, 0)?,
             access_log: args.access_log,
             node_traffic: NodeTraffic::parse(&args.node_traffic).ok_or_else(|| {
@@ -385,7 +414,11 @@ fn parse_ca_dir(v: Option<&str>, source: &str) -> Result<PathBuf, Error> {
 }
 
 /// A duration such as `24h`, `90m`, `5s`, `250ms`, at least `min_secs`.
-fn duration(setting: &'static str, v: &str, min_secs: u64) -> Result<std::time::Duration, Error> {
+pub(crate) fn duration(
+    setting: &'static str,
+    v: &str,
+    min_secs: u64,
+) -> Result<std::time::Duration, Error> {
     let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (number, unit) = v.split_at(digits);
     let millis = match unit {
@@ -530,6 +563,8 @@ mod tests {
             ca_dir: None,
             state_dir: DEFAULT_STATE_DIR.into(),
             cert_lifetime: "24h".into(),
+            post_quantum: "prefer".into(),
+            ca_reload_interval: "5s".into(),
             drain_grace: DEFAULT_DRAIN_GRACE.into(),
             access_log: false,
             node_traffic: DEFAULT_NODE_TRAFFIC.into(),
@@ -583,6 +618,19 @@ mod tests {
         }
         let e = with(&|a| a.ca_dir = Some("relative".into())).unwrap_err();
         assert_eq!(e.setting, "--ca-dir");
+        assert_eq!(
+            cfg.post_quantum,
+            crate::identity::KeyExchange::PreferPostQuantum
+        );
+        assert_eq!(
+            with(&|a| a.post_quantum = "require".into())
+                .unwrap()
+                .post_quantum,
+            crate::identity::KeyExchange::RequirePostQuantum
+        );
+        let e = with(&|a| a.post_quantum = "yes".into()).unwrap_err();
+        assert_eq!(e.setting, "--post-quantum");
+        assert!(e.why.contains("X25519MLKEM768"), "{e}");
         // Kubernetes needs the shared CA named.
         let e = with(&|a| {
             a.source = "kubernetes".into();

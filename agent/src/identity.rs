@@ -10,7 +10,10 @@
 //! is what Istio's ztunnel expects on the HBONE port, so the two interoperate.
 
 mod ca;
+pub mod crypto;
 mod manager;
+pub mod reload;
+pub mod server;
 mod spiffe;
 mod verify;
 
@@ -20,7 +23,9 @@ mod tests;
 use std::{io, path::PathBuf};
 
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW, Ca, Svid, TrustBundle};
-pub use manager::{CertInfo, CertManager, DEFAULT_SVID_LIFETIME};
+pub use crypto::KeyExchange;
+pub use manager::{CertInfo, CertManager, DEFAULT_SVID_LIFETIME, WeakCertManager};
+pub use reload::{CaDir, ReloadStatus};
 pub use spiffe::SpiffeId;
 #[cfg(test)]
 pub(crate) use verify::SpiffeServerVerifier;

@@ -10,6 +10,9 @@ use mycel_agent::{
 fn main() {
     limit_malloc_arenas();
     let cli = Cli::parse();
+    // One TLS crypto provider for the whole process (aws-lc-rs), before anything builds a
+    // TLS configuration.
+    mycel_agent::identity::crypto::install_process_default();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
         eprintln!("invalid --log {:?}: {e}", cli.log);
         std::process::exit(config::EXIT_USAGE);
@@ -48,6 +51,7 @@ fn main() {
         Command::Services(args) => runtime.block_on(cli::services(args)),
         Command::Flows(args) => runtime.block_on(cli::flows(args)),
         Command::Ca(args) => cli::ca(args),
+        Command::IdentityServer(args) => runtime.block_on(cli::identity_server(args)),
     };
     if let Err(e) = result {
         eprintln!("mycel: {e:#}");

@@ -166,6 +166,8 @@ struct Shared {
     bookmark_interval_ms: AtomicU64,
     stats: Mutex<Vec<CollectionStats>>,
     patch_log: Mutex<Vec<PatchRecord>>,
+    /// Service account tokens TokenReview accepts: token → (audiences, user info).
+    tokens: Mutex<std::collections::HashMap<String, (Vec<String>, Value)>>,
 }
 
 impl Shared {
@@ -245,6 +247,7 @@ impl FakeApiServer {
             bookmark_interval_ms: AtomicU64::new(millis(DEFAULT_BOOKMARK_INTERVAL)),
             stats: Mutex::new(vec![CollectionStats::default(); KINDS.len()]),
             patch_log: Mutex::new(Vec::new()),
+            tokens: Mutex::default(),
         });
         let (stop, stopped) = oneshot::channel();
         let server_shared = Arc::clone(&shared);
@@ -296,6 +299,30 @@ impl FakeApiServer {
             url = self.url(),
             token = self.token(),
         )
+    }
+
+    /// Makes `TokenReview` (`POST /apis/authentication.k8s.io/v1/tokenreviews`) accept
+    /// `token` for any of `audiences`, as the token of `user` (TokenReview's `status.user`:
+    /// `username`, `uid`, `groups`, `extra`). Any other token, or one reviewed for another
+    /// audience, is answered as not authenticated, as the API server does.
+    pub fn add_token(&self, token: &str, audiences: &[&str], user: Value) {
+        lock(&self.shared.tokens).insert(
+            token.to_owned(),
+            (audiences.iter().map(|a| (*a).to_owned()).collect(), user),
+        );
+    }
+
+    /// A projected service account token's user as TokenReview reports it: the service
+    /// account's username and the pod it is bound to (name and uid).
+    pub fn service_account_user(namespace: &str, name: &str, pod: &str, pod_uid: &str) -> Value {
+        serde_json::json!({
+            "username": format!("system:serviceaccount:{namespace}:{name}"),
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{namespace}"), "system:authenticated"],
+            "extra": {
+                "authentication.kubernetes.io/pod-name": [pod],
+                "authentication.kubernetes.io/pod-uid": [pod_uid],
+            },
+        })
     }
 
     /// Writes [`Self::kubeconfig`] to `path`; panics naming the path if it cannot.

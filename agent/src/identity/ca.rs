@@ -44,9 +44,13 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     /// The CA's own certificate.
     cert: CertificateDer<'static>,
-    /// Certificates above the CA when it is an intermediate (the rest of the PEM it was
-    /// loaded from); sent after the CA certificate so peers can build the chain.
-    parents: Vec<CertificateDer<'static>>,
+    /// What an SVID's chain carries after the leaf: nothing when the CA is a root (peers
+    /// hold it as a trust anchor), the CA and the intermediates above it (not the root)
+    /// when it is an intermediate.
+    chain: Vec<CertificateDer<'static>>,
+    /// The roots the file names: the top of the CA's own chain and every other CA
+    /// certificate in it (the other roots of a CA rotation).
+    bundle: TrustBundle,
     not_after: SystemTime,
     /// Where the CA came from, for messages.
     origin: String,
@@ -66,6 +70,16 @@ impl Ca {
     /// A new self-signed CA for `trust_domain`: ECDSA P-256, `CA:true` with path length 0
     /// (it signs workload certificates only), valid for ten years from `now`.
     pub fn generate(trust_domain: &str, now: SystemTime) -> Result<Ca, Error> {
+        Ca::generate_named(trust_domain, now, None)
+    }
+
+    /// [`Ca::generate`] with the given common name instead of a name of its own: tests
+    /// make two CAs of one name, as every CA had before names were made distinct.
+    pub(super) fn generate_named(
+        trust_domain: &str,
+        now: SystemTime,
+        common_name: Option<&str>,
+    ) -> Result<Ca, Error> {
         check_trust_domain(trust_domain)?;
         let sign_err = |source| Error::Sign {
             what: format!("creating a CA for the trust domain {trust_domain:?}"),
@@ -75,7 +89,24 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
         name.push(DnType::OrganizationName, trust_domain);
-        name.push(DnType::CommonName, format!("mycel CA for {trust_domain}"));
+        // Each CA its own name: the creation date and a random tag. With one name for
+        // every CA, a certificate of an untrusted CA would find a trusted CA of that name
+        // and fail as a bad signature instead of an unknown issuer.
+        let secs = i64::try_from(since_epoch(now, "now")?.as_secs()).unwrap_or(i64::MAX);
+        let date = x509_parser::time::ASN1Time::from_timestamp(secs)
+            .map(|t| t.to_datetime().date().to_string())
+            .unwrap_or_default();
+        let tag = random_bytes::<4>(trust_domain)?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        name.push(
+            DnType::CommonName,
+            common_name.map_or_else(
+                || format!("mycel CA for {trust_domain} {date} {tag}"),
+                str::to_owned,
+            ),
+        );
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -87,10 +118,13 @@ impl Ca {
         let cert = cert.der().clone();
         let origin = format!("new CA for {trust_domain}");
         let not_after = validity(&cert, &origin)?.1;
+        let mut bundle = TrustBundle::default();
+        bundle.add(cert.clone(), &origin)?;
         Ok(Ca {
             issuer: Issuer::new(params, key),
             cert,
-            parents: Vec::new(),
+            chain: Vec::new(),
+            bundle,
             not_after,
             origin,
         })
@@ -182,18 +216,38 @@ impl Ca {
         )
     }
 
+    /// [`Ca::from_pem`] with errors naming the two files.
+    pub fn from_pem_paths(
+        cert_pem: &[u8],
+        cert_path: &Path,
+        key_pem: &[u8],
+        key_path: &Path,
+    ) -> Result<Ca, Error> {
+        Ca::from_pem_files(
+            cert_pem,
+            &cert_path.display().to_string(),
+            key_pem,
+            &key_path.display().to_string(),
+        )
+    }
+
+    /// The signing CA is the certificate whose public key is the key's, wherever it is in
+    /// `cert_pem`; the certificates that issued it (found by name and signature) form its
+    /// chain; every other certificate is one more root of the bundle (a CA rotation lists
+    /// the old and the new CA in one file).
     fn from_pem_files(
         cert_pem: &[u8],
         cert_origin: &str,
         key_pem: &[u8],
         key_origin: &str,
     ) -> Result<Ca, Error> {
-        let mut certs = parse_certificates(cert_pem, cert_origin)?.into_iter();
-        let cert = certs.next().ok_or_else(|| Error::Pem {
-            origin: cert_origin.to_owned(),
-            reason: "no certificate in the file".to_owned(),
-        })?;
-        let parents: Vec<_> = certs.collect();
+        let certs = parse_certificates(cert_pem, cert_origin)?;
+        if certs.is_empty() {
+            return Err(Error::Pem {
+                origin: cert_origin.to_owned(),
+                reason: "no certificate in the file".to_owned(),
+            });
+        }
         let key_text = std::str::from_utf8(key_pem).map_err(|_| Error::Pem {
             origin: key_origin.to_owned(),
             reason: "not PEM text (not UTF-8)".to_owned(),
@@ -202,20 +256,77 @@ impl Ca {
             origin: key_origin.to_owned(),
             reason: format!("not a usable private key: {e}"),
         })?;
+        let parsed = certs
+            .iter()
+            .map(|c| parse_ca_candidate(c, cert_origin))
+            .collect::<Result<Vec<_>, _>>()?;
+        let signing = parsed
+            .iter()
+            .position(|(p, _)| {
+                p.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
+            })
+            .ok_or_else(|| Error::Certificate {
+                origin: cert_origin.to_owned(),
+                reason: format!(
+                    "the key in {key_origin} does not belong to this certificate{}",
+                    if certs.len() > 1 {
+                        format!(" (nor to any of the {} in the file)", certs.len())
+                    } else {
+                        String::new()
+                    }
+                ),
+            })?;
+        for (n, (p, is_ca)) in parsed.iter().enumerate() {
+            if !is_ca {
+                let what = if n == signing {
+                    "not a CA certificate (basic constraints without CA:true)".to_owned()
+                } else {
+                    format!(
+                        "certificate {} ({}) is not a CA certificate (basic constraints \
+                         without CA:true) and cannot be a trust anchor",
+                        n + 1,
+                        p.subject()
+                    )
+                };
+                return Err(Error::Certificate {
+                    origin: cert_origin.to_owned(),
+                    reason: what,
+                });
+            }
+        }
 
-        let (parsed, is_ca) = parse_ca_candidate(&cert, cert_origin)?;
-        if !is_ca {
-            return Err(Error::Certificate {
-                origin: cert_origin.to_owned(),
-                reason: "not a CA certificate (basic constraints without CA:true)".to_owned(),
-            });
+        // Up from the signing CA: each step the certificate that issued the previous one.
+        let mut path = vec![signing];
+        let mut root = None;
+        loop {
+            let current = path.last().copied().unwrap_or(signing);
+            if issued_by(&parsed[current].0, &parsed[current].0) {
+                root = Some(current);
+                break;
+            }
+            match (0..parsed.len())
+                .find(|&j| !path.contains(&j) && issued_by(&parsed[current].0, &parsed[j].0))
+            {
+                Some(j) => path.push(j),
+                None => break,
+            }
         }
-        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(Error::Certificate {
-                origin: cert_origin.to_owned(),
-                reason: format!("the key in {key_origin} does not belong to this certificate"),
-            });
+        let top = path.last().copied().unwrap_or(signing);
+        let mut bundle = TrustBundle::default();
+        bundle.add(certs[top].clone(), cert_origin)?;
+        for (n, cert) in certs.iter().enumerate() {
+            if !path.contains(&n) {
+                bundle.add(cert.clone(), cert_origin)?;
+            }
         }
+        // The chain: the CA and its intermediates, never the root (peers hold it).
+        let chain: Vec<CertificateDer<'static>> = path
+            .iter()
+            .filter(|&&n| Some(n) != root)
+            .map(|&n| certs[n].clone())
+            .collect();
+        drop(parsed);
+        let cert = certs[signing].clone();
         let not_after = validity(&cert, cert_origin)?.1;
         if not_after < SystemTime::now() {
             tracing::warn!(origin = cert_origin, "the CA certificate has expired");
@@ -227,10 +338,25 @@ impl Ca {
         Ok(Ca {
             issuer,
             cert,
-            parents,
+            chain,
+            bundle,
             not_after,
             origin: cert_origin.to_owned(),
         })
+    }
+
+    /// The roots named with the CA: the top of its chain and the other CA certificates of
+    /// its file.
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.bundle
+    }
+
+    /// The CA certificate's subject, e.g. `O=cluster.local, CN=mycel CA for cluster.local
+    /// 2026-12-04 1a2b3c4d`.
+    pub fn subject(&self) -> String {
+        X509Certificate::from_der(&self.cert)
+            .map(|(_, c)| c.subject().to_string())
+            .unwrap_or_default()
     }
 
     /// The CA's own certificate.
@@ -269,6 +395,58 @@ impl Ca {
             source,
         };
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
+        let mut params = self.leaf_params(id, lifetime, now)?;
+        adjust(&mut params);
+        let cert = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
+        let (chain, not_before, not_after, serial) = self.chain_of(id, cert.der().clone())?;
+        Ok(Svid {
+            id: id.clone(),
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            not_before,
+            not_after,
+            serial,
+        })
+    }
+
+    /// Signs a certificate for `id` with the public key of a PKCS#10 request (PEM), as the
+    /// identity server does for agents: the request's signature must verify (its sender
+    /// holds the key), and nothing else of it is used: names, extensions and validity are
+    /// those of [`Ca::issue`]. Returns the chain (leaf first) in PEM.
+    pub fn sign_request(
+        &self,
+        id: &SpiffeId,
+        csr_pem: &str,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<String, Error> {
+        let csr =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| Error::Pem {
+                origin: format!("the certificate request for {id}"),
+                reason: format!("not a valid PKCS#10 request: {e}"),
+            })?;
+        let params = self.leaf_params(id, lifetime, now)?;
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|source| Error::Sign {
+                what: format!("issuing a certificate for {id}"),
+                source,
+            })?;
+        let (chain, ..) = self.chain_of(id, cert.der().clone())?;
+        Ok(chain.iter().map(to_pem).collect())
+    }
+
+    /// The parameters of an SVID for `id`, valid from `now` for `lifetime`.
+    fn leaf_params(
+        &self,
+        id: &SpiffeId,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<CertificateParams, Error> {
+        let sign_err = |source| Error::Sign {
+            what: format!("issuing a certificate for {id}"),
+            source,
+        };
         let uri = Ia5String::try_from(id.to_string()).map_err(sign_err)?;
         let mut params = CertificateParams::default();
         // An empty subject: the identity is the URI SAN alone (rcgen then marks the SAN
@@ -296,22 +474,21 @@ impl Ca {
         params.not_before =
             rcgen::date_time_ymd(1970, 1, 1) + since_epoch(not_before, "notBefore")?;
         params.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(not_after, "notAfter")?;
-        adjust(&mut params);
-        let cert = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
-        let leaf = cert.der().clone();
+        Ok(params)
+    }
+
+    /// The chain of a signed leaf, and its validity and serial.
+    fn chain_of(
+        &self,
+        id: &SpiffeId,
+        leaf: CertificateDer<'static>,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime, SystemTime, String), Error> {
         let origin = format!("certificate for {id}");
         let (not_before, not_after) = validity(&leaf, &origin)?;
         let serial = serial_hex(&leaf, &origin)?;
-        let mut chain = vec![leaf, self.cert.clone()];
-        chain.extend(self.parents.iter().cloned());
-        Ok(Svid {
-            id: id.clone(),
-            chain,
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-            not_before,
-            not_after,
-            serial,
-        })
+        let mut chain = vec![leaf];
+        chain.extend(self.chain.iter().cloned());
+        Ok((chain, not_before, not_after, serial))
     }
 }
 
@@ -362,6 +539,14 @@ impl TrustBundle {
         Ok(())
     }
 
+    /// Adds every CA of `other` that is not there yet.
+    pub fn extend(&mut self, other: &TrustBundle) -> Result<(), Error> {
+        for cert in &other.certs {
+            self.add(cert.clone(), "the trust bundle")?;
+        }
+        Ok(())
+    }
+
     /// Whether `cert` is one of the bundle's CAs.
     pub fn contains(&self, cert: &CertificateDer<'_>) -> bool {
         self.certs.iter().any(|c| c.as_ref() == cert.as_ref())
@@ -385,7 +570,8 @@ impl TrustBundle {
     }
 }
 
-/// An X.509 SVID: the certificate chain (leaf first, then the CA) and its private key.
+/// An X.509 SVID: the certificate chain (the leaf, then the CA only when it is an
+/// intermediate) and its private key.
 pub struct Svid {
     id: SpiffeId,
     chain: Vec<CertificateDer<'static>>,
@@ -421,12 +607,51 @@ impl fmt::Debug for Svid {
 }
 
 impl Svid {
+    /// An SVID issued elsewhere (by the identity server): `chain_pem` leaf first, for the
+    /// key `key` whose public key is `public_key`. The leaf must name exactly `id` and
+    /// hold that key.
+    pub fn from_issued(
+        id: &SpiffeId,
+        chain_pem: &[u8],
+        key: PrivateKeyDer<'static>,
+        public_key: &[u8],
+    ) -> Result<Svid, Error> {
+        let origin = format!("the certificate issued for {id}");
+        let chain = parse_certificates(chain_pem, &origin)?;
+        let leaf = chain.first().ok_or_else(|| Error::Pem {
+            origin: origin.clone(),
+            reason: "no certificate".to_owned(),
+        })?;
+        let named = super::peer_identity(std::slice::from_ref(leaf))?;
+        let (_, parsed) = X509Certificate::from_der(leaf).map_err(|e| Error::Certificate {
+            origin: origin.clone(),
+            reason: format!("not an X.509 certificate: {e}"),
+        })?;
+        if named != *id || parsed.public_key().subject_public_key.data.as_ref() != public_key {
+            return Err(Error::Certificate {
+                origin,
+                reason: format!("names {named} or holds another key"),
+            });
+        }
+        let (not_before, not_after) = validity(leaf, &origin)?;
+        let serial = serial_hex(leaf, &origin)?;
+        Ok(Svid {
+            id: id.clone(),
+            chain,
+            key,
+            not_before,
+            not_after,
+            serial,
+        })
+    }
+
     /// The identity the certificate names.
     pub fn id(&self) -> &SpiffeId {
         &self.id
     }
 
-    /// The chain to send to peers: leaf first, then the CA (and any certificates above it).
+    /// The chain to send to peers: the leaf, then the CA and the intermediates above it
+    /// when the CA is not a root (never a root: peers hold those).
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.chain
     }
@@ -463,7 +688,7 @@ impl Svid {
     }
 }
 
-fn to_pem(cert: &CertificateDer<'_>) -> String {
+pub(super) fn to_pem(cert: &CertificateDer<'_>) -> String {
     // Lines of 64 characters, as RFC 7468 asks.
     let mut out = String::new();
     out.push_str("-----BEGIN CERTIFICATE-----\n");
@@ -542,17 +767,30 @@ fn serial_hex(cert: &CertificateDer<'_>, origin: &str) -> Result<String, Error> 
         .collect())
 }
 
-/// A random positive 128-bit serial number (RFC 5280 asks for unique serials; random ones
-/// need no state across restarts).
-fn random_serial(what: &str) -> Result<SerialNumber, Error> {
-    let mut bytes = [0u8; 16];
-    rustls::crypto::ring::default_provider()
+/// Whether `parent` issued `child`: its subject is the child's issuer and its key verifies
+/// the child's signature.
+fn issued_by(child: &X509Certificate<'_>, parent: &X509Certificate<'_>) -> bool {
+    child.issuer().as_raw() == parent.subject().as_raw()
+        && child.verify_signature(Some(parent.public_key())).is_ok()
+}
+
+/// `N` bytes from the system's random number generator.
+fn random_bytes<const N: usize>(what: &str) -> Result<[u8; N], Error> {
+    let mut bytes = [0u8; N];
+    rustls::crypto::aws_lc_rs::default_provider()
         .secure_random
         .fill(&mut bytes)
         .map_err(|_| Error::Certificate {
             origin: what.to_owned(),
             reason: "the system random number generator failed".to_owned(),
         })?;
+    Ok(bytes)
+}
+
+/// A random positive 128-bit serial number (RFC 5280 asks for unique serials; random ones
+/// need no state across restarts).
+fn random_serial(what: &str) -> Result<SerialNumber, Error> {
+    let mut bytes = random_bytes::<16>(what)?;
     // Positive, and at least 1 in the top byte so the DER length is always 16.
     bytes[0] = (bytes[0] & 0x7f) | 0x01;
     Ok(SerialNumber::from_slice(&bytes))
@@ -666,6 +904,8 @@ fn parse_ca_candidate<'a>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn id(ns: &str, sa: &str) -> SpiffeId {
@@ -698,7 +938,7 @@ mod tests {
         let svid = second
             .issue(&id("a", "b"), Duration::from_secs(60), SystemTime::now())
             .expect("issues");
-        assert_eq!(svid.chain()[1], *first.certificate());
+        assert_signed_by(&svid, first.certificate());
 
         let parsed = X509Certificate::from_der(first.certificate())
             .expect("parses")
@@ -871,6 +1111,116 @@ mod tests {
             &[ca.certificate().clone()],
             "deduplicated"
         );
+    }
+
+    /// The SVID's chain is its leaf alone (a root signs it) and the leaf verifies with
+    /// `ca`'s key.
+    fn assert_signed_by(svid: &Svid, ca: &CertificateDer<'_>) {
+        assert_eq!(svid.chain().len(), 1, "a root CA is not sent with the leaf");
+        let leaf = X509Certificate::from_der(svid.leaf()).expect("leaf").1;
+        let ca = X509Certificate::from_der(ca).expect("ca").1;
+        assert!(issued_by(&leaf, &ca), "the leaf is not signed by the CA");
+    }
+
+    fn key_pem(ca: &Ca) -> String {
+        ca.issuer.key().serialize_pem()
+    }
+
+    #[test]
+    fn every_ca_gets_a_name_of_its_own() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let a = Ca::generate("cluster.local", now).expect("ca");
+        let b = Ca::generate("cluster.local", now).expect("ca");
+        assert_ne!(a.subject(), b.subject());
+        assert!(
+            a.subject()
+                .contains("mycel CA for cluster.local 2027-01-15 "),
+            "{}",
+            a.subject()
+        );
+    }
+
+    #[test]
+    fn a_ca_file_with_several_roots_trusts_each_and_signs_with_the_one_of_the_key() {
+        let now = SystemTime::now();
+        let (old, new) = (
+            Ca::generate("cluster.local", now).expect("ca"),
+            Ca::generate("cluster.local", now).expect("ca"),
+        );
+        let both = format!("{}{}", old.cert_pem(), new.cert_pem());
+        for (signer, other) in [(&old, &new), (&new, &old)] {
+            let ca =
+                Ca::from_pem(both.as_bytes(), key_pem(signer).as_bytes(), "ca dir").expect("loads");
+            assert_eq!(
+                ca.certificate(),
+                signer.certificate(),
+                "the key picks the CA"
+            );
+            assert!(ca.bundle().contains(old.certificate()));
+            assert!(ca.bundle().contains(new.certificate()));
+            assert_eq!(ca.bundle().certificates().len(), 2);
+            let svid = ca
+                .issue(&id("a", "b"), Duration::from_secs(60), now)
+                .expect("issues");
+            // Only the leaf: neither the signing root nor the unrelated one.
+            assert_signed_by(&svid, signer.certificate());
+            assert!(!svid.chain().contains(other.certificate()));
+        }
+        // A key of neither CA.
+        let third = Ca::generate("cluster.local", now).expect("ca");
+        let e = Ca::from_pem(both.as_bytes(), key_pem(&third).as_bytes(), "ca dir")
+            .expect_err("no certificate of the key");
+        assert!(e.to_string().contains("nor to any of the 2"), "{e}");
+    }
+
+    #[test]
+    fn an_intermediate_ca_sends_itself_and_trusts_its_root() {
+        let now = SystemTime::now();
+        let root = Ca::generate("cluster.local", now).expect("root");
+        let other_root = Ca::generate("cluster.local", now).expect("root");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "intermediate");
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let inter = params.signed_by(&key, &root.issuer).expect("signs");
+        let inter_der = inter.der().clone();
+        // The file in any order: the root first, then another root, then the intermediate.
+        let file = format!(
+            "{}{}{}",
+            root.cert_pem(),
+            other_root.cert_pem(),
+            to_pem(&inter_der)
+        );
+        let ca =
+            Ca::from_pem(file.as_bytes(), key.serialize_pem().as_bytes(), "ca dir").expect("loads");
+        assert_eq!(*ca.certificate(), inter_der);
+        assert_eq!(
+            ca.bundle().certificates(),
+            &[root.certificate().clone(), other_root.certificate().clone()],
+            "the roots, not the intermediate"
+        );
+        let svid = ca
+            .issue(&id("a", "b"), Duration::from_secs(60), now)
+            .expect("issues");
+        assert_eq!(svid.chain(), &[svid.leaf().clone(), inter_der.clone()]);
+        // webpki accepts the chain against the root alone.
+        let roots = Arc::new(ca.bundle().root_store().expect("roots"));
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots,
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .build()
+        .expect("verifier");
+        verifier
+            .verify_client_cert(
+                svid.leaf(),
+                &svid.chain()[1..],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .expect("chains to the root");
     }
 
     fn pem_of_key(key: &PrivateKeyDer<'_>) -> String {

@@ -20,7 +20,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::{sync::Notify, task::JoinHandle, time::Instant};
 
 use super::{
-    Ca, Error, SpiffeId, Svid, TrustBundle,
+    Ca, Error, KeyExchange, SpiffeId, Svid, TrustBundle, crypto,
+    reload::ReloadStatus,
     spiffe::check_trust_domain,
     verify::{SpiffeClientVerifier, SpiffeServerVerifier},
 };
@@ -55,6 +56,9 @@ pub struct CertInfo {
     pub not_after: SystemTime,
     /// Lowercase hexadecimal.
     pub serial: String,
+    /// The subject of the CA that signed it (which CA a node signs with during a rotation).
+    #[serde(default)]
+    pub issuer: String,
 }
 
 /// A time as whole seconds since the Unix epoch (certificates carry no fractions).
@@ -90,6 +94,8 @@ struct Inner {
     state: RwLock<State>,
     /// Wakes the renewal task when the set of certificates changes.
     changed: Arc<Notify>,
+    /// What the last reloads of the CA directory did.
+    reload: RwLock<ReloadStatus>,
 }
 
 impl Drop for Inner {
@@ -101,6 +107,8 @@ impl Drop for Inner {
 
 struct State {
     ca: Arc<Ca>,
+    /// The subject of `ca`, for status.
+    ca_subject: String,
     bundle: TrustBundle,
     roots: Arc<RootCertStore>,
     client_verifier: Arc<SpiffeClientVerifier>,
@@ -111,9 +119,21 @@ struct State {
 
 struct Entry {
     svid: Arc<Svid>,
+    /// The subject of the CA that signed it.
+    issuer: String,
     renew_at: Instant,
     server: Arc<ServerConfig>,
     clients: HashMap<Option<SpiffeId>, Arc<ClientConfig>>,
+}
+
+/// A [`CertManager`] that does not keep it alive.
+#[derive(Clone)]
+pub struct WeakCertManager(Weak<Inner>);
+
+impl fmt::Debug for WeakCertManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WeakCertManager")
+    }
 }
 
 impl fmt::Debug for CertManager {
@@ -129,12 +149,31 @@ impl fmt::Debug for CertManager {
 impl CertManager {
     /// A manager that issues SVIDs valid for `svid_lifetime` from `ca`, for identities of
     /// `trust_domain`, and trusts peers whose chain ends at a CA of `bundle` (to which the
-    /// CA's own certificate is added, so that the node's workloads trust each other).
+    /// roots named with the CA are added, so that the node's workloads trust each other).
+    /// Connections offer the default key exchange groups ([`KeyExchange::default`]).
     pub fn new(
+        ca: Ca,
+        bundle: TrustBundle,
+        trust_domain: &str,
+        svid_lifetime: Duration,
+    ) -> Result<Self, Error> {
+        Self::with_key_exchange(
+            ca,
+            bundle,
+            trust_domain,
+            svid_lifetime,
+            KeyExchange::default(),
+        )
+    }
+
+    /// [`CertManager::new`] whose TLS configurations offer and accept the key exchange
+    /// groups of `kx`.
+    pub fn with_key_exchange(
         ca: Ca,
         mut bundle: TrustBundle,
         trust_domain: &str,
         svid_lifetime: Duration,
+        kx: KeyExchange,
     ) -> Result<Self, Error> {
         check_trust_domain(trust_domain)?;
         if svid_lifetime < Duration::from_secs(1) {
@@ -143,10 +182,10 @@ impl CertManager {
                 reason: format!("{svid_lifetime:?} is shorter than one second"),
             });
         }
-        // Explicitly the ring provider: no reliance on a process-wide default, which
-        // another part of the process (the Kubernetes client) may or may not install.
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        bundle.add(ca.certificate().clone(), "the CA certificate")?;
+        // An explicit provider: the key exchange groups are the mesh's own setting, not
+        // whatever default another part of the process installed.
+        let provider = Arc::new(crypto::provider(kx));
+        bundle.extend(ca.bundle())?;
         let state = State::new(Arc::new(ca), bundle, &provider, trust_domain)?;
         Ok(CertManager {
             inner: Arc::new(Inner {
@@ -155,8 +194,19 @@ impl CertManager {
                 provider,
                 state: RwLock::new(state),
                 changed: Arc::new(Notify::new()),
+                reload: RwLock::default(),
             }),
         })
+    }
+
+    /// The key exchange groups the TLS configurations offer, most preferred first.
+    pub fn key_exchange_groups(&self) -> Vec<String> {
+        self.inner
+            .provider
+            .kx_groups
+            .iter()
+            .map(|g| crypto::group_name(g.name()))
+            .collect()
     }
 
     /// The trust domain of the identities this manager issues and accepts.
@@ -202,27 +252,63 @@ impl CertManager {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Replaces the CA and the trust bundle (a CA rotation) and reissues every SVID from
-    /// the new CA. Keep the old CA in `bundle` until certificates it issued have expired
-    /// everywhere, so that peers not yet rotated are still accepted.
+    /// Replaces the CA and the trust bundle (a step of a CA rotation); the roots named with
+    /// the CA are added to `bundle`. The new bundle is in force for new handshakes at once
+    /// (the configurations of every SVID are rebuilt); when the signing CA changed, every
+    /// SVID is also reissued from the new one right away, not at its half-life. Keep the
+    /// old CA in `bundle` until certificates it issued have been replaced everywhere, so
+    /// that peers not yet rotated are still accepted.
     pub fn set_trust(&self, ca: Ca, mut bundle: TrustBundle) -> Result<(), Error> {
-        bundle.add(ca.certificate().clone(), "the CA certificate")?;
-        let ca = Arc::new(ca);
-        let ids: Vec<SpiffeId> = {
+        bundle.extend(ca.bundle())?;
+        let (ca, reissue): (Arc<Ca>, Vec<SpiffeId>) = {
             let mut state = self.write();
+            let same_ca = state.ca.certificate() == ca.certificate();
+            let ca = if same_ca {
+                state.ca.clone()
+            } else {
+                Arc::new(ca)
+            };
             let mut next = State::new(
                 ca.clone(),
                 bundle,
                 &self.inner.provider,
                 &self.inner.trust_domain,
             )?;
-            next.entries = std::mem::take(&mut state.entries);
             next.wanted = std::mem::take(&mut state.wanted);
+            // The current SVIDs with configurations that verify peers against the new
+            // bundle, until their replacements (if any) are issued.
+            for (id, entry) in std::mem::take(&mut state.entries) {
+                match server_config(
+                    &self.inner.provider,
+                    next.client_verifier.clone(),
+                    &entry.svid,
+                ) {
+                    Ok(server) => {
+                        next.entries.insert(
+                            id,
+                            Entry {
+                                server,
+                                clients: HashMap::new(),
+                                ..entry
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(%id, error = %e, "cannot build a TLS server configuration");
+                        next.entries.insert(id, entry);
+                    }
+                }
+            }
             *state = next;
-            state.entries.keys().cloned().collect()
+            let reissue = if same_ca {
+                Vec::new()
+            } else {
+                state.entries.keys().cloned().collect()
+            };
+            (ca, reissue)
         };
         let mut first_error = None;
-        for id in ids {
+        for id in reissue {
             match self.issue(&ca, &id) {
                 // Replaces the old entry even though its serial is unknown here.
                 Ok(svid) => self.install(&ca, svid, None),
@@ -234,6 +320,44 @@ impl CertManager {
         }
         self.inner.changed.notify_waiters();
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Records a reload of the CA directory: applied (`None`) or refused, and why.
+    pub(super) fn record_reload(&self, error: Option<String>) {
+        let mut r = self
+            .inner
+            .reload
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if error.is_none() {
+            r.applied += 1;
+        }
+        r.error = error;
+    }
+
+    /// What the reloads of the CA directory did: how many were applied, and why the files
+    /// on disk are not in force while they are not.
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.inner
+            .reload
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A handle that does not keep the manager alive (for background tasks).
+    pub fn downgrade(&self) -> WeakCertManager {
+        WeakCertManager(Arc::downgrade(&self.inner))
+    }
+
+    /// The manager behind `weak`, if any clone of it is still there.
+    pub fn upgrade(weak: &WeakCertManager) -> Option<CertManager> {
+        weak.0.upgrade().map(|inner| CertManager { inner })
+    }
+
+    /// The subject of the CA that signs new certificates.
+    pub fn signing_ca(&self) -> String {
+        self.read().ca_subject.clone()
     }
 
     /// The current SVID of `id`, if a local workload has that identity.
@@ -304,6 +428,7 @@ impl CertManager {
                 not_before: e.svid.not_before(),
                 not_after: e.svid.not_after(),
                 serial: e.svid.serial().to_owned(),
+                issuer: e.issuer.clone(),
             })
             .collect()
     }
@@ -405,6 +530,7 @@ impl CertManager {
             }
         };
         let entry = Entry {
+            issuer: state.ca_subject.clone(),
             svid: Arc::new(svid),
             renew_at: Instant::now() + half,
             server,
@@ -468,6 +594,7 @@ impl State {
             trust_domain,
         )?);
         Ok(State {
+            ca_subject: ca.subject(),
             ca,
             bundle,
             roots,

@@ -75,6 +75,20 @@ fn peer_in_trust_domain(
     Ok(id)
 }
 
+/// webpki reports a chain whose issuer has the name of a trust anchor but not its key as
+/// a bad signature, which reads as a forged or corrupted certificate. To the operator it
+/// is a certificate of a CA the bundle does not hold (a CA of another cluster, one removed
+/// by a rotation), so it is reported, and alerted, as an unknown issuer. Signatures of the
+/// handshake itself are checked elsewhere and keep their error.
+fn chain_error(e: rustls::Error) -> rustls::Error {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        }
+        other => other,
+    }
+}
+
 /// Our error inside a rustls certificate error, so that the handshake failure says why
 /// and the peer receives a `bad_certificate` alert.
 fn rejected(e: Error) -> rustls::Error {
@@ -152,7 +166,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self
             .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(chain_error)?;
         peer_in_trust_domain(std::slice::from_ref(end_entity), &self.trust_domain)
             .map_err(rejected)?;
         Ok(verified)
@@ -226,7 +241,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             intermediates,
             now,
             self.algorithms.all,
-        )?;
+        )
+        .map_err(chain_error)?;
         let actual = peer_in_trust_domain(std::slice::from_ref(end_entity), &self.trust_domain)
             .map_err(rejected)?;
         if let Some(expected) = &self.expected

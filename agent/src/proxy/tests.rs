@@ -45,7 +45,7 @@ const SERVER_ID: &str = "spiffe://cluster.local/ns/server/sa/echo";
 const DENIED_ID: &str = "spiffe://cluster.local/ns/evil/sa/mallory";
 
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 struct Ca {

@@ -84,6 +84,9 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
             &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-mycel-fake", "platform": "linux/amd64"}),
         );
     }
+    if path == "/apis/authentication.k8s.io/v1/tokenreviews" && req.method() == Method::POST {
+        return token_review(shared, req).await;
+    }
     let Some(route) = Route::parse(&path) else {
         return status(
             StatusCode::NOT_FOUND,
@@ -108,6 +111,53 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
             format!("{method} is not supported on {path} by this server"),
         ),
     }
+}
+
+/// `TokenReview`: the tokens [`super::FakeApiServer::add_token`] registered, for the
+/// audiences asked (the intersection is reported back, as the API server does).
+async fn token_review(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    let mut review: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    let token = review["spec"]["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let asked: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let known = lock(&shared.tokens).get(&token).cloned();
+    let result = match known {
+        Some((audiences, user)) => {
+            let common: Vec<String> = if asked.is_empty() {
+                audiences.clone()
+            } else {
+                asked
+                    .iter()
+                    .filter(|a| audiences.contains(a))
+                    .cloned()
+                    .collect()
+            };
+            if common.is_empty() {
+                json!({"authenticated": false, "error": "token audiences is invalid for the target audiences"})
+            } else {
+                json!({"authenticated": true, "user": user, "audiences": common})
+            }
+        }
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    review["status"] = result;
+    json_response(StatusCode::CREATED, &review)
 }
 
 /// A parsed API path: `/api/v1[/namespaces/{ns}]/{plural}[/{name}[/status]]` or the same

@@ -20,6 +20,9 @@ pub fn packages(llvm: u32) -> Vec<String> {
         format!("libpolly-{llvm}-dev"),
         "libzstd-dev".to_owned(),
         "zlib1g-dev".to_owned(),
+        // aws-lc-sys (the crypto of rustls' aws-lc-rs provider) compiles C with the cc
+        // crate; on x86_64 and aarch64 Linux it needs neither cmake nor clang.
+        "gcc".to_owned(),
         // Tests create network namespaces and veth pairs with `ip`.
         "iproute2".to_owned(),
         // `ps`, `pkill` and `sysctl`, which tests use.
