@@ -13,6 +13,9 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
+mod uninstall;
+pub use uninstall::{UninstallArgs, uninstall, uninstall_to};
+
 use crate::{
     admin::Status,
     config,
@@ -51,6 +54,9 @@ pub enum Command {
     Flows(FlowsArgs),
     /// Manage the mesh's certificate authority.
     Ca(CaArgs),
+    /// Remove what mycel agents left on this node once none runs: programs and pins, clsact
+    /// filters, and the set-up inside workloads' network namespaces.
+    Uninstall(UninstallArgs),
 }
 
 /// `mycel ca`: the mesh's certificate authority.

@@ -32,6 +32,17 @@ pub const DEFAULT_CA_DIR: &str = "/var/lib/mycel/ca";
 /// How long the proxy lets open connections finish on SIGTERM, as Istio's default
 /// termination drain duration.
 pub const DEFAULT_DRAIN_GRACE: &str = "5s";
+/// How long the kernel keeps redirecting enrolled workloads' connections to the proxy after
+/// the agent last renewed its lease (every second). Long enough for a restart (a rolling
+/// update, a crash and the kubelet starting the container again) to take over without
+/// enrolled connections going out in plaintext meanwhile; short enough that an agent that
+/// is gone for good (killed, DaemonSet deleted) breaks enrolled workloads' connections
+/// only for seconds: after it they go direct (STRICT destinations stay closed to
+/// plaintext, TC enforces that without the agent).
+pub const DEFAULT_REDIRECT_GRACE: &str = "10s";
+/// Shortest `--redirect-grace`: more than the renewal interval (1 s), with room for a busy
+/// moment of the agent.
+pub const MIN_REDIRECT_GRACE_SECS: u64 = 2;
 /// Default trust domain, as Kubernetes' default cluster domain and Istio's.
 pub const DEFAULT_TRUST_DOMAIN: &str = crate::state::identity::DEFAULT_TRUST_DOMAIN;
 
@@ -105,6 +116,10 @@ pub struct Config {
     pub drain_grace: std::time::Duration,
     /// `--access-log` / `MYCEL_ACCESS_LOG`: log one line per proxied connection.
     pub access_log: bool,
+    /// `--redirect-grace` / `MYCEL_REDIRECT_GRACE`: how long after the agent's last lease
+    /// renewal the kernel still redirects mesh traffic to the proxy (see
+    /// [`DEFAULT_REDIRECT_GRACE`]).
+    pub redirect_grace: std::time::Duration,
 }
 
 /// Most recent flows `--flow-buffer` may keep.
@@ -194,6 +209,12 @@ pub struct Args {
     /// Log one line per proxied connection (source, destination, identities, bytes).
     #[arg(long, env = "MYCEL_ACCESS_LOG")]
     pub access_log: bool,
+    /// How long the kernel keeps redirecting enrolled workloads to the proxy after the
+    /// agent stops renewing its lease (every second): long enough for a restart, short
+    /// enough that a removed agent breaks enrolled connections only briefly; afterwards
+    /// they go direct (STRICT destinations stay closed to plaintext).
+    #[arg(long, env = "MYCEL_REDIRECT_GRACE", default_value = DEFAULT_REDIRECT_GRACE)]
+    pub redirect_grace: String,
 }
 
 /// An invalid setting.
@@ -284,6 +305,11 @@ impl Config {
             cert_lifetime: duration("--cert-lifetime", &args.cert_lifetime, 2)?,
             drain_grace: duration("--drain-grace", &args.drain_grace, 0)?,
             access_log: args.access_log,
+            redirect_grace: duration(
+                "--redirect-grace",
+                &args.redirect_grace,
+                MIN_REDIRECT_GRACE_SECS,
+            )?,
         })
     }
 }
@@ -345,8 +371,13 @@ fn parse_ca_dir(v: Option<&str>, source: &str) -> Result<PathBuf, Error> {
     }
 }
 
-/// A duration such as `24h`, `90m`, `5s`, `250ms`, at least `min_secs`.
-fn duration(setting: &'static str, v: &str, min_secs: u64) -> Result<std::time::Duration, Error> {
+/// A duration such as `24h`, `90m`, `5s`, `250ms`, at least `min_secs`; the error names
+/// `setting`.
+pub(crate) fn duration(
+    setting: &'static str,
+    v: &str,
+    min_secs: u64,
+) -> Result<std::time::Duration, Error> {
     let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (number, unit) = v.split_at(digits);
     let millis = match unit {
@@ -492,6 +523,22 @@ mod tests {
             cert_lifetime: "24h".into(),
             drain_grace: DEFAULT_DRAIN_GRACE.into(),
             access_log: false,
+            redirect_grace: DEFAULT_REDIRECT_GRACE.into(),
+        }
+    }
+
+    #[test]
+    fn redirect_grace_outlasts_the_renewal_interval() {
+        let cfg = Config::from_args(&args(), MOUNTS).unwrap();
+        assert_eq!(cfg.redirect_grace, std::time::Duration::from_secs(10));
+        let mut a = args();
+        a.redirect_grace = "3s".into();
+        let cfg = Config::from_args(&a, MOUNTS).unwrap();
+        assert_eq!(cfg.redirect_grace, std::time::Duration::from_secs(3));
+        for bad in ["1s", "500ms", "", "10"] {
+            a.redirect_grace = bad.into();
+            let e = Config::from_args(&a, MOUNTS).unwrap_err();
+            assert_eq!(e.setting, "--redirect-grace", "{bad:?}");
         }
     }
 

@@ -48,6 +48,7 @@ fn main() {
         Command::Services(args) => runtime.block_on(cli::services(args)),
         Command::Flows(args) => runtime.block_on(cli::flows(args)),
         Command::Ca(args) => cli::ca(args),
+        Command::Uninstall(args) => cli::uninstall(args),
     };
     if let Err(e) = result {
         eprintln!("mycel: {e:#}");

@@ -27,13 +27,16 @@ pub const STAT_MESH_ORIG_DST_RECORDED: u32 = 9;
 pub const STAT_MESH_ORIG_DST_UPDATE_FAILED: u32 = 10;
 /// A plaintext TCP SYN to a workload in mTLS mode STRICT was dropped in TC.
 pub const STAT_MESH_STRICT_DROPPED: u32 = 11;
+/// connect() between enrolled workloads that went straight to its destination because the
+/// agent's lease (`MESH_LEASE`) had run out: no proxy listens for it.
+pub const STAT_MESH_LEASE_EXPIRED: u32 = 12;
 /// Number of counters; the size of the STATS array. Room is left for more: a pinned STATS
 /// map keeps the size it was created with, so counters past it read as zero until the
 /// pins are removed.
 pub const STAT_MAX: u32 = 16;
 
 /// Counter names, index by index, as the agent exports them.
-pub const STAT_NAMES: [&str; 12] = [
+pub const STAT_NAMES: [&str; 13] = [
     "lb_translated",
     "lb_no_backend",
     "lb_slot_missing",
@@ -46,4 +49,5 @@ pub const STAT_NAMES: [&str; 12] = [
     "mesh_orig_dst_recorded",
     "mesh_orig_dst_update_failed",
     "mesh_strict_dropped",
+    "mesh_lease_expired",
 ];
