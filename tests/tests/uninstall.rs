@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, tc::TcAttachType};
+use mycel_agent::datapath::{Datapath, MapSizes, TcMode};
 use mycel_agent::metrics::KernelCounters;
 use mycel_tests::{
     Agent, AgentOptions, ClientReport, Node, Pod, Proc, WorkloadYaml, env, netns, require_root,
@@ -226,7 +227,7 @@ fn clsact_filters(netns: &str, dev: &str) -> usize {
                 .expect("run tc");
             String::from_utf8_lossy(&out.stdout)
                 .lines()
-                .filter(|l| l.contains("bpf"))
+                .filter(|l| l.contains("bpf") && l.contains("direct-action"))
                 .count()
         })
         .sum()
@@ -279,14 +280,26 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 /// directory, the namespaces of processes in its cgroup, and a directory of namespace
 /// handles holding the client's (which has no process). (status, stdout, stderr)
 fn uninstall(m: &Mesh, extra: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let handles = m.node.dir().join("netns");
+    run_uninstall(&m.node, Some(&m.client), extra)
+}
+
+/// `mycel uninstall` for `node` only, with `handle`'s namespace (if any) in the handle
+/// directory.
+fn run_uninstall(
+    node: &Node,
+    handle: Option<&Pod>,
+    extra: &[&str],
+) -> (std::process::ExitStatus, String, String) {
+    let handles = node.dir().join("netns");
     if !handles.exists() {
         std::fs::create_dir(&handles).expect("netns handle directory");
-        std::os::unix::fs::symlink(netns::path(&m.client.netns), handles.join("client"))
-            .expect("client namespace handle");
+        if let Some(pod) = handle {
+            std::os::unix::fs::symlink(netns::path(&pod.netns), handles.join(&pod.name))
+                .expect("namespace handle");
+        }
     }
-    let bpffs = m.node.bpffs.display().to_string();
-    let cgroup = m.node.cgroup.display().to_string();
+    let bpffs = node.bpffs.display().to_string();
+    let cgroup = node.cgroup.display().to_string();
     let handles = handles.display().to_string();
     let mut args = vec![
         "uninstall",
@@ -298,7 +311,7 @@ fn uninstall(m: &Mesh, extra: &[&str]) -> (std::process::ExitStatus, String, Str
         &handles,
     ];
     args.extend(extra);
-    let mut proc = m.node.spawn(env::mycel_bin(), &args);
+    let mut proc = node.spawn(env::mycel_bin(), &args);
     proc.close_stdin();
     proc.wait_output(Duration::from_secs(40))
 }
@@ -478,5 +491,37 @@ fn detach_on_exit_leaves_the_node_clean() {
         status.success(),
         "uninstall after detaching: {status}\n{out}\n{err}"
     );
+    assert!(out.contains("nothing of mycel was left"), "{out}");
+}
+
+#[test]
+fn uninstall_finds_clsact_filters_by_name() {
+    require_root!();
+    let node = Node::new();
+    let pod = node.pod("server");
+    let _server = pod.tcp_server(PORT);
+    // An agent on a kernel without tcx: netlink clsact filters, which no pin holds.
+    let dp = Datapath::load_with(&node.cgroup, &node.bpffs, MapSizes::default()).expect("load");
+    let host_if = pod.host_if.clone();
+    let dp = netns::run_in(&node.netns, move || {
+        let mut dp = dp;
+        dp.set_tc_mode(TcMode::Clsact);
+        dp.attach_tc(&host_if).expect("attach TC programs");
+        dp
+    });
+    // It goes away without detaching: the filters stay.
+    drop(dp);
+    assert_eq!(clsact_filters(&node.netns, &pod.host_if), 2);
+
+    let (status, out, err) = run_uninstall(&node, None, &[]);
+    assert!(status.success(), "uninstall failed: {status}\n{out}\n{err}");
+    for program in ["tc_from_pod", "tc_to_pod"] {
+        let line = format!("removed clsact filter {program} on {}", pod.host_if);
+        assert!(out.contains(&line), "`{line}` in:\n{out}");
+    }
+    assert_eq!(clsact_filters(&node.netns, &pod.host_if), 0, "{out}");
+    assert!(walk(&node.bpffs).is_empty(), "{out}");
+    let (status, out, err) = run_uninstall(&node, None, &[]);
+    assert!(status.success(), "second uninstall: {status}\n{out}\n{err}");
     assert!(out.contains("nothing of mycel was left"), "{out}");
 }
