@@ -320,8 +320,8 @@ fn run_uninstall(
 fn a_killed_agent_stops_redirecting_after_the_grace() {
     require_root!();
     let m = Mesh::new();
-    let grace = Duration::from_secs(3);
-    let mut agent = m.start_agent(&["--redirect-grace", "3s"]);
+    let grace = Duration::from_secs(4);
+    let mut agent = m.start_agent(&["--redirect-grace", "4s"]);
 
     // Through the mesh: the server sees the client's address, STRICT answers too.
     let report = m.connect(&m.server, 2000);
@@ -342,7 +342,7 @@ fn a_killed_agent_stops_redirecting_after_the_grace() {
         report.summary()
     );
     assert!(
-        killed.elapsed() < grace - Duration::from_millis(1500),
+        killed.elapsed() < grace - Duration::from_secs(2),
         "the check within the grace took too long: {:?}",
         killed.elapsed()
     );
@@ -362,9 +362,10 @@ fn a_killed_agent_stops_redirecting_after_the_grace() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    // The last renewal was at most a second before the kill.
+    // The last renewal was about a second before the kill at most (a busy machine may
+    // delay a tick).
     assert!(
-        first_success + Duration::from_millis(1500) >= grace,
+        first_success + Duration::from_secs(2) >= grace,
         "connections went direct after {first_success:?}, before the grace ({grace:?}) ran out"
     );
     for _ in 0..3 {

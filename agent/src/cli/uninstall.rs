@@ -38,8 +38,9 @@ pub struct UninstallArgs {
     /// (while it holds, an agent may still be running).
     #[arg(long, default_value = DEFAULT_UNINSTALL_WAIT)]
     pub wait: String,
-    /// Remove everything even while an agent's lease holds (a running agent is left
-    /// without its programs and pins).
+    /// Remove everything even while an agent's lease holds. A running agent keeps its
+    /// programs attached through the links it holds open, but only until it exits; its
+    /// maps and pins are gone.
     #[arg(long)]
     pub force: bool,
 }

@@ -155,3 +155,32 @@ fn nothing_there(e: &TcError) -> bool {
         Some(libc::EINVAL | libc::ENOENT | libc::ENODEV | libc::EOPNOTSUPP)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_off_bpffs_is_left_alone() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("SERVICES");
+        fs::write(&file, "not a pin").expect("write");
+        let removal = remove_pins(dir.path());
+        assert!(removal.removed.is_empty(), "{removal:?}");
+        let [failure] = removal.failed.as_slice() else {
+            panic!("one failure expected: {removal:?}");
+        };
+        assert!(
+            failure.contains("not on a bpffs mount")
+                && failure.contains(&dir.path().display().to_string()),
+            "{failure}"
+        );
+        assert!(file.exists(), "a file off bpffs was removed");
+    }
+
+    #[test]
+    fn a_missing_directory_holds_nothing() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        assert_eq!(remove_pins(&dir.path().join("gone")), Removal::default());
+    }
+}
