@@ -412,9 +412,11 @@ impl PodNet {
     /// skipped for an IPv4 workload whose namespace has IPv6 disabled.
     pub async fn prepare(&self) -> Result<(), Error> {
         self.in_netns(Runner::OwnThread, |inner| {
+            // The rule first: it is how the undoing recognises a namespace mycel set up
+            // (and so resets `tcp_fwmark_accept`), even if what follows fails.
+            inner.with_netlink(rules::install)?;
             inner.write_sysctl(FWMARK_ACCEPT_SYSCTL, "1")?;
-            inner.edit_sysctl(RESERVED_PORTS_SYSCTL, |list| reserve(list, &PROXY_PORTS))?;
-            inner.with_netlink(rules::install)
+            inner.edit_sysctl(RESERVED_PORTS_SYSCTL, |list| reserve(list, &PROXY_PORTS))
         })
         .await
     }
