@@ -10,13 +10,16 @@
 //!   interfaces and the set-up in the pods' namespaces (rules, routes, sysctls, reserved
 //!   ports); running it twice is fine; it refuses while an agent runs.
 //! - `--detach-on-exit` on SIGTERM leaves the same clean state.
+//! - In the kernel alone: a lease never written, ended or run out means no redirection.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, tc::TcAttachType};
-use mycel_agent::datapath::{Datapath, MapSizes, TcMode};
+use mycel_agent::datapath::{
+    Datapath, MESH_F_ENROLLED, MapSizes, MeshContent, MeshDest, MeshSource, TcMode, mesh_addr,
+};
 use mycel_agent::metrics::KernelCounters;
 use mycel_tests::{
     Agent, AgentOptions, ClientReport, Node, Pod, Proc, WorkloadYaml, env, netns, require_root,
@@ -525,4 +528,95 @@ fn uninstall_finds_clsact_filters_by_name() {
     let (status, out, err) = run_uninstall(&node, None, &[]);
     assert!(status.success(), "second uninstall: {status}\n{out}\n{err}");
     assert!(out.contains("nothing of mycel was left"), "{out}");
+}
+
+/// The network namespace cookie of `pod` (what the kernel programs key sources by).
+fn netns_cookie(pod: &Pod) -> u64 {
+    let net = mycel_agent::podnet::PodNet::open(&netns::path(&pod.netns), IpAddr::V4(pod.ipv4))
+        .expect("open the pod's namespace");
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(net.netns_cookie())
+        .expect("netns cookie")
+}
+
+#[test]
+fn the_kernel_redirects_only_while_the_lease_holds() {
+    require_root!();
+    let node = Node::new();
+    let a = node.pod("a");
+    let b = node.pod("b");
+    // `a`'s "proxy listener" answers "a"; `b`'s application answers "b".
+    let _listener = a.tcp_server(15001);
+    let _app = b.tcp_server(PORT);
+    let mut dp = Datapath::load_with(&node.cgroup, &node.bpffs, MapSizes::default()).expect("load");
+    let content = MeshContent {
+        dests: [(
+            IpAddr::V4(b.ipv4),
+            MeshDest {
+                flags: MESH_F_ENROLLED,
+                _pad: 0,
+            },
+        )]
+        .into(),
+        sources: [(
+            netns_cookie(&a),
+            MeshSource {
+                addr_be: mesh_addr(IpAddr::V4(a.ipv4)),
+                port_be: 15001u16.to_be(),
+                _pad: [0; 6],
+            },
+        )]
+        .into(),
+    };
+    dp.mesh.apply(&content).expect("enroll a and b");
+    let to_b = SocketAddr::new(IpAddr::V4(b.ipv4), PORT);
+    let answer = |what: &str| {
+        let report = a.tcp_client_with(to_b, 1, &["--timeout-ms", "2000"]);
+        report
+            .answers_without_errors(what)
+            .into_keys()
+            .next()
+            .expect("an answer")
+    };
+    let expired = || {
+        KernelCounters::new(&node.bpffs)
+            .read()
+            .into_iter()
+            .find(|(n, _)| *n == "mesh_lease_expired")
+            .map(|(_, v)| v)
+            .expect("the mesh_lease_expired counter")
+    };
+
+    // A lease never written: enrolled, yet direct.
+    assert_eq!(answer("no lease yet"), "b");
+    assert_eq!(expired(), 1);
+    // While it holds: redirected to the listener.
+    dp.mesh
+        .renew_lease(Duration::from_secs(60))
+        .expect("renew the lease");
+    assert!(dp.mesh.lease_remaining().expect("lease") > Duration::from_secs(50));
+    assert_eq!(answer("lease holds"), "a");
+    assert_eq!(expired(), 1);
+    // Ended (as a detaching agent does): direct again at once.
+    dp.mesh.end_lease().expect("end the lease");
+    assert_eq!(dp.mesh.lease_remaining().expect("lease"), Duration::ZERO);
+    assert_eq!(answer("lease ended"), "b");
+    assert_eq!(expired(), 2);
+    // Run out (a grace shorter than the renewal interval, for the test's sake).
+    let renewed = Instant::now();
+    dp.mesh
+        .renew_lease(Duration::from_secs(1))
+        .expect("renew the lease");
+    assert_eq!(answer("short lease holds"), "a");
+    std::thread::sleep(
+        (renewed + Duration::from_millis(1100)).saturating_duration_since(Instant::now()),
+    );
+    assert_eq!(answer("short lease ran out"), "b");
+    assert_eq!(
+        mycel_agent::datapath::pinned_lease_remaining(&node.bpffs).expect("pinned lease"),
+        Some(Duration::ZERO)
+    );
+    dp.detach_and_unpin().expect("detach");
 }
