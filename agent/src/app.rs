@@ -112,6 +112,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .mesh
         .set_proxy_tgid(std::process::id())
         .context("telling the kernel programs the proxy's process")?;
+    // The kernel redirects to the proxy only while this agent renews its lease: renew it
+    // before the mesh maps are written, then on every housekeeping tick.
+    datapath
+        .mesh
+        .renew_lease(cfg.redirect_grace)
+        .context("renewing the mesh redirect lease")?;
     let (mesh, certs) = start_mesh(&cfg, &datapath, proxy_metrics)?;
     // The CA directory is read again while the agent runs: a CA rotation needs no restart.
     crate::identity::CaDir::new(&cfg.ca_dir, ca_metrics)
@@ -211,6 +217,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         node_traffic: cfg.node_traffic,
         pods_cgroup_id,
         certs,
+        redirect_grace: cfg.redirect_grace,
     };
     agent.publish();
 
@@ -235,16 +242,52 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
+    if cfg.detach_on_exit {
+        // New connections go direct from now on rather than to listeners about to close.
+        if let Err(e) = agent.datapath.mesh.end_lease() {
+            warn!("ending the mesh redirect lease: {e}");
+        }
+    }
     agent.mesh.drain(cfg.drain_grace).await;
     for s in servers {
         s.abort();
     }
     if cfg.detach_on_exit {
-        agent
-            .datapath
-            .detach_and_unpin()
-            .context("detaching programs and removing pins")?;
-        info!("programs detached and pins removed");
+        // What `mycel uninstall` does, for this agent's own workloads' namespaces.
+        let own = crate::podnet::Scope {
+            cgroup: None,
+            netns_dirs: crate::podnet::NETNS_DIRS
+                .map(std::path::PathBuf::from)
+                .to_vec(),
+            only_cookies: Some(agent.datapath.mesh.source_cookies()),
+        };
+        let (removal, namespaces) = tokio::task::block_in_place(|| {
+            (
+                agent.datapath.detach_and_unpin(),
+                crate::podnet::undo_namespaces(&own),
+            )
+        });
+        let removal = removal.context("detaching programs and removing pins")?;
+        let namespaces = namespaces
+            .map_err(anyhow::Error::msg)
+            .context("finding the workloads' network namespaces")?;
+        let mut failed = Vec::new();
+        for ns in &namespaces {
+            info!(netns = %ns.netns.display(), removed = ?ns.removed, "undid the mesh set-up of a workload's namespace");
+            if let Some(e) = &ns.error {
+                failed.push(format!("{}: {e}", ns.netns.display()));
+            }
+        }
+        anyhow::ensure!(
+            failed.is_empty(),
+            "undoing the mesh set-up of workload namespaces: {}",
+            failed.join("; ")
+        );
+        info!(
+            removed = removal.removed.len(),
+            namespaces = namespaces.len(),
+            "programs detached, pins removed, workload namespaces restored"
+        );
     } else {
         info!(bpffs = %cfg.bpffs.display(), "programs stay attached and maps pinned");
     }
@@ -332,6 +375,8 @@ struct Agent {
     node_traffic: NodeTraffic,
     /// cgroup id of `--cgroup`, for the TC programs' kubelet probe test (0: unknown).
     pods_cgroup_id: u64,
+    /// How long the kernel keeps redirecting after a lease renewal.
+    redirect_grace: Duration,
 }
 
 /// ifindexes with pinned TC links under the agent's bpffs directory (an earlier agent's
@@ -620,6 +665,11 @@ impl Agent {
 
     /// Retries what failed for want of an interface; counts what background tasks lost.
     fn housekeeping(&mut self) {
+        if let Err(e) = self.datapath.mesh.renew_lease(self.redirect_grace) {
+            error!("renewing the mesh redirect lease: {e}");
+            self.metrics.datapath_errors.inc();
+            self.last_error = Some(e.to_string());
+        }
         // Certificates renew, and the CA directory is reloaded, in the background: show
         // the current ones.
         if let Ok(mut s) = self.shared.status.write() {

@@ -14,6 +14,9 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
+mod uninstall;
+pub use uninstall::{UninstallArgs, uninstall, uninstall_to};
+
 use crate::{
     admin::Status,
     config,
@@ -55,6 +58,9 @@ pub enum Command {
     /// Run the identity server: in Kubernetes, the only holder of the CA key; it signs
     /// node agents' certificate requests for the pods of their own node.
     IdentityServer(IdentityServerArgs),
+    /// Remove what mycel agents left on this node once none runs: programs and pins, clsact
+    /// filters, and the set-up inside workloads' network namespaces.
+    Uninstall(UninstallArgs),
 }
 
 /// `mycel identity-server`.

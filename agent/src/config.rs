@@ -34,6 +34,17 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/mycel/state";
 /// How long the proxy lets open connections finish on SIGTERM, as Istio's default
 /// termination drain duration.
 pub const DEFAULT_DRAIN_GRACE: &str = "5s";
+/// How long the kernel keeps redirecting enrolled workloads' connections to the proxy after
+/// the agent last renewed its lease (every second). Long enough for a restart (a rolling
+/// update, a crash and the kubelet starting the container again) to take over without
+/// enrolled connections going out in plaintext meanwhile; short enough that an agent that
+/// is gone for good (killed, DaemonSet deleted) breaks enrolled workloads' connections
+/// only for seconds: after it they go direct (STRICT destinations stay closed to
+/// plaintext, TC enforces that without the agent).
+pub const DEFAULT_REDIRECT_GRACE: &str = "10s";
+/// Shortest `--redirect-grace`: more than the renewal interval (1 s), with room for a busy
+/// moment of the agent.
+pub const MIN_REDIRECT_GRACE_SECS: u64 = 2;
 /// Default trust domain, as Kubernetes' default cluster domain and Istio's.
 pub const DEFAULT_TRUST_DOMAIN: &str = crate::state::identity::DEFAULT_TRUST_DOMAIN;
 
@@ -127,6 +138,10 @@ pub struct Config {
     /// under every setting an explicit DENY naming a node address applies (also to
     /// probes under `probes`; under `all` it does not).
     pub node_traffic: NodeTraffic,
+    /// `--redirect-grace` / `MYCEL_REDIRECT_GRACE`: how long after the agent's last lease
+    /// renewal the kernel still redirects mesh traffic to the proxy (see
+    /// [`DEFAULT_REDIRECT_GRACE`]).
+    pub redirect_grace: std::time::Duration,
 }
 
 /// Most recent flows `--flow-buffer` may keep.
@@ -231,6 +246,12 @@ pub struct Args {
     /// address), `none`.
     #[arg(long, env = "MYCEL_NODE_TRAFFIC", default_value = DEFAULT_NODE_TRAFFIC)]
     pub node_traffic: String,
+    /// How long the kernel keeps redirecting enrolled workloads to the proxy after the
+    /// agent stops renewing its lease (every second): long enough for a restart, short
+    /// enough that a removed agent breaks enrolled connections only briefly; afterwards
+    /// they go direct (STRICT destinations stay closed to plaintext).
+    #[arg(long, env = "MYCEL_REDIRECT_GRACE", default_value = DEFAULT_REDIRECT_GRACE)]
+    pub redirect_grace: String,
 }
 
 /// Default of `--node-traffic`.
@@ -347,6 +368,11 @@ impl Config {
                     "expected probes, all or none",
                 )
             })?,
+            redirect_grace: duration(
+                "--redirect-grace",
+                &args.redirect_grace,
+                MIN_REDIRECT_GRACE_SECS,
+            )?,
         })
     }
 }
@@ -413,7 +439,8 @@ fn parse_ca_dir(v: Option<&str>, source: &str) -> Result<PathBuf, Error> {
     }
 }
 
-/// A duration such as `24h`, `90m`, `5s`, `250ms`, at least `min_secs`.
+/// A duration such as `24h`, `90m`, `5s`, `250ms`, at least `min_secs`; the error names
+/// `setting`.
 pub(crate) fn duration(
     setting: &'static str,
     v: &str,
@@ -568,6 +595,22 @@ mod tests {
             drain_grace: DEFAULT_DRAIN_GRACE.into(),
             access_log: false,
             node_traffic: DEFAULT_NODE_TRAFFIC.into(),
+            redirect_grace: DEFAULT_REDIRECT_GRACE.into(),
+        }
+    }
+
+    #[test]
+    fn redirect_grace_outlasts_the_renewal_interval() {
+        let cfg = Config::from_args(&args(), MOUNTS).unwrap();
+        assert_eq!(cfg.redirect_grace, std::time::Duration::from_secs(10));
+        let mut a = args();
+        a.redirect_grace = "3s".into();
+        let cfg = Config::from_args(&a, MOUNTS).unwrap();
+        assert_eq!(cfg.redirect_grace, std::time::Duration::from_secs(3));
+        for bad in ["1s", "500ms", "", "10"] {
+            a.redirect_grace = bad.into();
+            let e = Config::from_args(&a, MOUNTS).unwrap_err();
+            assert_eq!(e.setting, "--redirect-grace", "{bad:?}");
         }
     }
 

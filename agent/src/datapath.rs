@@ -25,18 +25,20 @@ mod policy;
 mod programs;
 mod services;
 mod tc;
+mod uninstall;
 
 pub use flows::{
     FlowReader, dump_flows, flow_events_from_pin, parse as parse_flow_event, spawn_flow_reader,
 };
 pub use mesh::{
     MESH_F_ENROLLED, MESH_F_STRICT, MeshContent, MeshDest, MeshMaps, MeshSource, MeshStats,
-    OrigDst, OrigDstError, OrigDstTable, decode_orig_dst, mesh_addr,
+    OrigDst, OrigDstError, OrigDstTable, decode_orig_dst, mesh_addr, pinned_lease_remaining,
 };
 pub use policy::{IpPrefix, PolicyApplyStats, PolicyContent, PolicyMaps, addr_words, ipcache_key};
 pub use programs::{AttachedProgram, KernelFeature, PROGRAMS, ProgramStatus, SOCK_OPS};
 pub use services::{ApplyStats, MapBackend, MapService, ServiceMaps, dump_pinned};
 pub use tc::{TC_PROGRAMS, TCX_FEATURE, TcAttachment, TcMode, ifindex_of, interface_name};
+pub use uninstall::{Removal, remove_clsact_filters, remove_pins};
 
 /// The compiled kernel programs, built by `build.rs` from `ebpf/mycel-ebpf`.
 pub(crate) static EBPF_OBJECT: &[u8] =
@@ -81,8 +83,8 @@ pub enum Error {
     MapFull { map: &'static str, what: String },
     #[error("no free service id (all {0} in use)")]
     NoServiceId(u32),
-    #[error("removing pins under {path}: {source}")]
-    Unpin { path: PathBuf, source: io::Error },
+    #[error("removing pins under {path}: {detail}")]
+    Unpin { path: PathBuf, detail: String },
     #[error("interface {interface}: {source}")]
     Interface {
         interface: String,
@@ -339,26 +341,34 @@ impl Datapath {
     }
 
     /// Detaches the programs and removes every pin: the kernel forgets mycel once this
-    /// process exits.
-    pub fn detach_and_unpin(self) -> Result<(), Error> {
+    /// process exits. Ends the mesh lease first, so that no connection is redirected to a
+    /// proxy that is going away. Beyond what this process attached, it removes what
+    /// `mycel uninstall` does: every pin under the directory (an earlier agent's tcx links
+    /// included) and mycel's clsact filters on every interface of the calling thread's
+    /// network namespace. Returns what it removed; an error names what it could not.
+    pub fn detach_and_unpin(self) -> Result<Removal, Error> {
         let Self {
             pin_dir,
             programs,
             tc: attached_tc,
+            mut mesh,
             ..
         } = self;
+        mesh.end_lease()?;
         programs::detach_all(programs)?;
         for a in attached_tc.values() {
             tc::detach(&pin_dir, a.ifindex, Some(&a.interface), a.mode)?;
         }
-        let unpin = |path: PathBuf| -> Result<(), Error> {
-            match std::fs::remove_dir_all(&path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(source) => Err(Error::Unpin { path, source }),
-            }
-        };
-        unpin(pin_dir)
+        let mut removal = remove_pins(&pin_dir);
+        removal.extend(remove_clsact_filters());
+        if removal.failed.is_empty() {
+            Ok(removal)
+        } else {
+            Err(Error::Unpin {
+                path: pin_dir,
+                detail: removal.failed.join("; "),
+            })
+        }
     }
 }
 

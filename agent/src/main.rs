@@ -52,6 +52,7 @@ fn main() {
         Command::Flows(args) => runtime.block_on(cli::flows(args)),
         Command::Ca(args) => cli::ca(args),
         Command::IdentityServer(args) => runtime.block_on(cli::identity_server(args)),
+        Command::Uninstall(args) => cli::uninstall(args),
     };
     if let Err(e) = result {
         eprintln!("mycel: {e:#}");

@@ -69,6 +69,9 @@ mod helper;
 mod rules;
 #[cfg(test)]
 mod tests;
+mod undo;
+
+pub use undo::{NETNS_DIRS, Scope, UndoError, Undone, scan, undo_namespaces};
 
 /// Bits of `SO_MARK` the proxy owns inside workload namespaces.
 pub const MARK_MASK: u32 = 0x3000;
@@ -171,6 +174,14 @@ pub enum Error {
         pod_ip: IpAddr,
         path: PathBuf,
         client_ip: IpAddr,
+    },
+    /// Undoing [`PodNet::prepare`] failed part-way.
+    #[error("pod {pod_ip} (network namespace {path}): {source}")]
+    Undo {
+        pod_ip: IpAddr,
+        path: PathBuf,
+        #[source]
+        source: UndoError,
     },
     /// The helper thread could not start or ended without answering.
     #[error("pod {pod_ip} (network namespace {path}): {reason}")]
@@ -401,21 +412,26 @@ impl PodNet {
     /// skipped for an IPv4 workload whose namespace has IPv6 disabled.
     pub async fn prepare(&self) -> Result<(), Error> {
         self.in_netns(Runner::OwnThread, |inner| {
+            // The rule first: it is how the undoing recognises a namespace mycel set up
+            // (and so resets `tcp_fwmark_accept`), even if what follows fails.
+            inner.with_netlink(rules::install)?;
             inner.write_sysctl(FWMARK_ACCEPT_SYSCTL, "1")?;
-            inner.edit_sysctl(RESERVED_PORTS_SYSCTL, |list| reserve(list, &PROXY_PORTS))?;
-            inner.with_netlink(rules::install)
+            inner.edit_sysctl(RESERVED_PORTS_SYSCTL, |list| reserve(list, &PROXY_PORTS))
         })
         .await
     }
 
     /// Removes what [`PodNet::prepare`] added, when the workload leaves the mesh: the
-    /// rules and routes, and `tcp_fwmark_accept` back to the kernel's default (0).
-    /// Idempotent; removing what is not there is not an error.
+    /// reserved ports, `tcp_fwmark_accept` back to the kernel's default (0), the routes and
+    /// the rules. The same code as `mycel uninstall`'s. Idempotent; removing what is not
+    /// there is not an error.
     pub async fn cleanup(&self) -> Result<(), Error> {
         self.in_netns(Runner::OwnThread, |inner| {
-            inner.with_netlink(rules::remove)?;
-            inner.edit_sysctl(RESERVED_PORTS_SYSCTL, |list| unreserve(list, &PROXY_PORTS))?;
-            inner.write_sysctl(FWMARK_ACCEPT_SYSCTL, "0")
+            undo::undo_here(&mut Vec::new()).map_err(|source| Error::Undo {
+                pod_ip: inner.pod_ip,
+                path: inner.path.clone(),
+                source,
+            })
         })
         .await
     }

@@ -1093,6 +1093,50 @@ fn the_agent_gets_the_ca_secret_that_mycel_ca_create_writes() {
     );
 }
 
+/// `manifests/uninstall/` (not applied with `manifests/`: it must run only once the agents
+/// are gone): a DaemonSet whose init container runs `mycel uninstall` with what it needs to
+/// reach every pin, interface and pod namespace the agents changed.
+#[test]
+fn uninstall_manifest_is_strictly_typed_and_reaches_what_the_agents_left() {
+    let docs = file_docs(&yaml_files(&repo().join("manifests/uninstall")));
+    assert_all_typed(&docs);
+    let ds = &docs
+        .iter()
+        .find(|d| d.kind() == "DaemonSet")
+        .expect("a DaemonSet in manifests/uninstall/")
+        .value;
+    assert_eq!(ds["metadata"]["namespace"], NAMESPACE);
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["hostNetwork"], true,
+        "clsact filters are on host interfaces"
+    );
+    assert_eq!(
+        pod["hostPID"], true,
+        "pod namespaces are found through /proc"
+    );
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["args"][0], "uninstall");
+    let caps: BTreeSet<&str> = init["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for cap in ["NET_ADMIN", "SYS_ADMIN"] {
+        assert!(caps.contains(cap), "{cap} in {caps:?}");
+    }
+    assert_ne!(init["securityContext"]["privileged"], true);
+    let mounts: BTreeSet<&str> = init["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert!(mounts.contains("/sys/fs/bpf"), "{mounts:?}");
+    assert!(mounts.contains("/run/netns"), "{mounts:?}");
+}
+
 #[test]
 fn chart_with_default_values_renders_the_plain_manifests() {
     let rendered = chart_docs(&json!({}));

@@ -188,7 +188,13 @@ impl Mesh {
             b.tcp_server(APP_PORT),
             c.tcp_server(APP_PORT),
         ];
-        let dp = Datapath::load_with(&node.cgroup, &node.bpffs, MapSizes::default()).expect("load");
+        let mut dp =
+            Datapath::load_with(&node.cgroup, &node.bpffs, MapSizes::default()).expect("load");
+        // The kernel redirects only while the agent's lease holds; the agent renews it
+        // every second, these tests stand in for it.
+        dp.mesh
+            .renew_lease(Duration::from_secs(600))
+            .expect("renew the redirect lease");
         Mesh {
             node,
             dp,

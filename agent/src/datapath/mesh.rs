@@ -1,5 +1,5 @@
-//! Typed writers for the mesh maps (`MESH_DESTS`, `MESH_SOURCES`, `MESH_CONFIG`) and the
-//! proxy's reader of `MESH_ORIG_DST`.
+//! Typed writers for the mesh maps (`MESH_DESTS`, `MESH_SOURCES`, `MESH_CONFIG`,
+//! `MESH_LEASE`) and the proxy's reader of `MESH_ORIG_DST`.
 //!
 //! The kernel side (see `mycel_common::mesh`) redirects a connection between enrolled
 //! workloads to the proxy's outbound listener in the client's network namespace and
@@ -7,19 +7,25 @@
 //! accepted such a connection, asks [`OrigDstTable::take`] with the peer address
 //! `accept()` gave it.
 //!
+//! The kernel redirects only while the agent's lease in `MESH_LEASE` holds
+//! ([`MeshMaps::renew_lease`]): a `CLOCK_MONOTONIC` deadline, the clock of the kernel's
+//! `bpf_ktime_get_ns()`.
+//!
 //! Like the policy writer, [`MeshMaps::apply`] writes only what differs from what the maps
 //! hold (read back from the pins at start-up), and removes what is gone.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError};
 pub use mycel_common::mesh::{
-    MESH_F_ENROLLED, MESH_F_STRICT, MESH_OUTBOUND_PORT, MeshConfig, MeshDest, MeshSource, OrigDst,
-    OrigDstKey,
+    MESH_F_ENROLLED, MESH_F_STRICT, MESH_OUTBOUND_PORT, MeshConfig, MeshDest, MeshLease,
+    MeshSource, OrigDst, OrigDstKey,
 };
 use serde::Serialize;
 use tracing::debug;
@@ -30,6 +36,7 @@ const MESH_DESTS: &str = "MESH_DESTS";
 const MESH_SOURCES: &str = "MESH_SOURCES";
 const MESH_CONFIG: &str = "MESH_CONFIG";
 const MESH_ORIG_DST: &str = "MESH_ORIG_DST";
+pub(super) const MESH_LEASE: &str = "MESH_LEASE";
 
 /// Everything the mesh maps should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -54,6 +61,7 @@ pub struct MeshMaps {
     dests: BpfHashMap<MapData, [u32; 4], MeshDest>,
     sources: BpfHashMap<MapData, u64, MeshSource>,
     config: Array<MapData, MeshConfig>,
+    lease: Array<MapData, MeshLease>,
     orig_dst: OrigDstTable,
     held_dests: BTreeMap<[u32; 4], MeshDest>,
     held_sources: BTreeMap<u64, MeshSource>,
@@ -107,12 +115,14 @@ impl MeshMaps {
         let sources =
             BpfHashMap::try_from(take(MESH_SOURCES)?).map_err(|e| Error::map(MESH_SOURCES, e))?;
         let config = Array::try_from(take(MESH_CONFIG)?).map_err(|e| Error::map(MESH_CONFIG, e))?;
+        let lease = Array::try_from(take(MESH_LEASE)?).map_err(|e| Error::map(MESH_LEASE, e))?;
         let orig =
             BpfHashMap::try_from(take(MESH_ORIG_DST)?).map_err(|e| Error::map(MESH_ORIG_DST, e))?;
         let mut maps = Self {
             dests,
             sources,
             config,
+            lease,
             orig_dst: OrigDstTable(Arc::new(Mutex::new(orig))),
             held_dests: BTreeMap::new(),
             held_sources: BTreeMap::new(),
@@ -211,15 +221,90 @@ impl MeshMaps {
             .map_err(|e| Error::map(MESH_CONFIG, e))
     }
 
+    /// Lets the kernel redirect mesh traffic for `grace` from now: the agent calls it at
+    /// start-up, before it writes the mesh maps, and then every second. When it stops
+    /// (killed, removed), connections go direct once `grace` has passed.
+    pub fn renew_lease(&mut self, grace: Duration) -> Result<(), Error> {
+        let grace_ns = u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX);
+        let value = MeshLease {
+            alive_until_ns: monotonic_ns().saturating_add(grace_ns),
+        };
+        self.lease
+            .set(0, value, 0)
+            .map_err(|e| Error::map(MESH_LEASE, e))
+    }
+
+    /// Ends the lease at once: from now on the kernel redirects nothing (an agent that
+    /// detaches on shutdown, before its listeners close).
+    pub fn end_lease(&mut self) -> Result<(), Error> {
+        self.lease
+            .set(0, MeshLease::default(), 0)
+            .map_err(|e| Error::map(MESH_LEASE, e))
+    }
+
+    /// How long the lease still holds (zero once it has run out).
+    pub fn lease_remaining(&self) -> Result<Duration, Error> {
+        self.lease
+            .get(&0, 0)
+            .map(|l| remaining(&l))
+            .map_err(|e| Error::map(MESH_LEASE, e))
+    }
+
     /// The reader of original destinations, for the proxy.
     pub fn orig_dst_table(&self) -> OrigDstTable {
         self.orig_dst.clone()
+    }
+
+    /// Network namespace cookies of the enrolled local workloads the maps hold: the
+    /// namespaces this agent set up.
+    pub fn source_cookies(&self) -> std::collections::BTreeSet<u64> {
+        self.held_sources.keys().copied().collect()
     }
 
     /// Number of destinations and sources held.
     pub fn counts(&self) -> (usize, usize) {
         (self.held_dests.len(), self.held_sources.len())
     }
+}
+
+/// Now on `CLOCK_MONOTONIC`, in nanoseconds: the clock of `bpf_ktime_get_ns()`, which the
+/// kernel compares the lease with. (A process in a time namespace with a monotonic offset
+/// would see another clock; container runtimes do not set one up.)
+fn monotonic_ns() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    // CLOCK_MONOTONIC cannot fail on Linux; 0 would only make the lease look expired.
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec())
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+fn remaining(lease: &MeshLease) -> Duration {
+    Duration::from_nanos(lease.alive_until_ns.saturating_sub(monotonic_ns()))
+}
+
+/// How long the lease in the pinned `MESH_LEASE` map under `pin_dir` still holds: zero once
+/// it has run out, `None` when no agent ever pinned one there. For tools that run without
+/// the agent (`mycel uninstall` waits for a stopping agent's lease to run out).
+pub fn pinned_lease_remaining(pin_dir: &Path) -> Result<Option<Duration>, Error> {
+    let pin = pin_dir.join(MESH_LEASE);
+    let data = match MapData::from_pin(&pin) {
+        Ok(d) => d,
+        Err(MapError::SyscallError(s)) if s.io_error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(e) => return Err(Error::map(MESH_LEASE, e)),
+    };
+    let lease: Array<MapData, MeshLease> =
+        Array::try_from(Map::Array(data)).map_err(|e| Error::map(MESH_LEASE, e))?;
+    lease
+        .get(&0, 0)
+        .map(|l| Some(remaining(&l)))
+        .map_err(|e| Error::map(MESH_LEASE, e))
 }
 
 /// The original destinations of redirected connections (`MESH_ORIG_DST`), shared by the

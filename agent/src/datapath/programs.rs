@@ -114,7 +114,7 @@ pub(super) fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-fn is_bpffs(path: &Path) -> bool {
+pub(super) fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type() == BPF_FS_MAGIC)
 }
 

@@ -9,10 +9,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use futures::TryStreamExt as _;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
 use super::{MARK_MASK, TRANSPARENT_MARK, TRANSPARENT_RULE_PRIORITY, TRANSPARENT_TABLE};
 
@@ -62,26 +63,46 @@ pub(super) async fn install(handle: Handle, pod_ip: IpAddr) -> Result<(), Failur
     }
 }
 
-/// Removes the rule(s) and the route of both families.
-pub(super) async fn remove(handle: Handle, _pod_ip: IpAddr) -> Result<(), Failure> {
+/// Whether the namespace holds `prepare`'s rule (either family): the mark that mycel set
+/// the namespace up, which `tcp_fwmark_accept` is undone by.
+pub(super) async fn present(handle: &Handle) -> Result<bool, Failure> {
     for family in [Family::V4, Family::V6] {
-        for _ in 0..MAX_RULE_COPIES {
-            match handle.rule().del(rule_message(family)).execute().await {
-                Ok(()) => continue,
-                Err(e) if is_errno(&e, libc::ENOENT) || ipv6_gone(family, &e) => break,
-                Err(source) => {
-                    return Err(Failure {
-                        action: format!(
-                            "remove the {} rule for the transparent mark",
-                            family.name()
-                        ),
-                        source: Box::new(source),
-                    });
-                }
+        let version = match family {
+            Family::V4 => IpVersion::V4,
+            Family::V6 => IpVersion::V6,
+        };
+        let rules: Vec<RuleMessage> = match handle.rule().get(version).execute().try_collect().await
+        {
+            Ok(rules) => rules,
+            Err(e) if ipv6_gone(family, &e) => continue,
+            Err(source) => {
+                return Err(Failure {
+                    action: format!("list the {} rules", family.name()),
+                    source: Box::new(source),
+                });
             }
+        };
+        let ours = rule_message(family).attributes;
+        if rules
+            .iter()
+            .any(|r| ours.iter().all(|a| r.attributes.contains(a)))
+        {
+            return Ok(true);
         }
+    }
+    Ok(false)
+}
+
+/// Removes the route(s) and then the rule(s) of both families (the rule last: it is what
+/// [`present`] finds, so an interrupted removal is finished by the next one), and says what
+/// it removed in `removed`.
+pub(super) async fn remove(handle: &Handle, removed: &mut Vec<String>) -> Result<(), Failure> {
+    for family in [Family::V4, Family::V6] {
         match handle.route().del(route_message(family)).execute().await {
-            Ok(()) => {}
+            Ok(()) => removed.push(format!(
+                "{} route `local default dev lo table {TRANSPARENT_TABLE}`",
+                family.name()
+            )),
             Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) => {}
             Err(e) if ipv6_gone(family, &e) => {}
             Err(source) => {
@@ -92,6 +113,26 @@ pub(super) async fn remove(handle: Handle, _pod_ip: IpAddr) -> Result<(), Failur
                     ),
                     source: Box::new(source),
                 });
+            }
+        }
+    }
+    for family in [Family::V4, Family::V6] {
+        for _ in 0..MAX_RULE_COPIES {
+            match handle.rule().del(rule_message(family)).execute().await {
+                Ok(()) => removed.push(format!(
+                    "{} rule `fwmark {TRANSPARENT_MARK:#x}/{MARK_MASK:#x} lookup {TRANSPARENT_TABLE}`",
+                    family.name()
+                )),
+                Err(e) if is_errno(&e, libc::ENOENT) || ipv6_gone(family, &e) => break,
+                Err(source) => {
+                    return Err(Failure {
+                        action: format!(
+                            "remove the {} rule for the transparent mark",
+                            family.name()
+                        ),
+                        source: Box::new(source),
+                    });
+                }
             }
         }
     }

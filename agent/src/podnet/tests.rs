@@ -520,10 +520,18 @@ async fn prepare_is_idempotent_and_cleanup_undoes_it() {
         ns.ip(&["-6", "route", "show"]),
     );
     assert_eq!(ns.sysctl("net.ipv4.tcp_fwmark_accept"), "0");
+    let ports_before = ns.sysctl("net.ipv4.ip_local_reserved_ports");
 
     let pod = pair.pod_net(POD_V4);
     pod.prepare().await.expect("prepare");
     pod.prepare().await.expect("prepare again");
+    let ports = ns.sysctl("net.ipv4.ip_local_reserved_ports");
+    for port in PROXY_PORTS {
+        assert!(
+            ports.split(',').any(|p| p == port.to_string()),
+            "{port} reserved: {ports:?}"
+        );
+    }
 
     for (family, before) in [("-4", &rules_before.0), ("-6", &rules_before.1)] {
         let rules = ns.ip(&[family, "rule", "show"]);
@@ -574,6 +582,28 @@ async fn prepare_is_idempotent_and_cleanup_undoes_it() {
         );
     }
     assert_eq!(ns.sysctl("net.ipv4.tcp_fwmark_accept"), "0");
+    // Down to no reserved port at all (an empty write would change nothing).
+    assert_eq!(ns.sysctl("net.ipv4.ip_local_reserved_ports"), ports_before);
+}
+
+#[tokio::test]
+async fn cleanup_leaves_what_is_not_mycels() {
+    require_privileged!("cleanup_leaves_what_is_not_mycels");
+    let pair = Pair::new();
+    let ns = &pair.pod;
+    // Someone else's settings in a namespace mycel never set up: no rule of mycel's, so
+    // `tcp_fwmark_accept` is not mycel's to reset; a range of reserved ports stays.
+    ns.set_sysctl("net.ipv4.tcp_fwmark_accept", "1");
+    ns.set_sysctl("net.ipv4.ip_local_reserved_ports", "15000-15010");
+    let pod = pair.pod_net(POD_V4);
+    pod.cleanup().await.expect("cleanup");
+    assert_eq!(ns.sysctl("net.ipv4.tcp_fwmark_accept"), "1");
+    assert_eq!(ns.sysctl("net.ipv4.ip_local_reserved_ports"), "15000-15010");
+    // Once set up and cleaned up, the reset happens and the range is still left alone.
+    pod.prepare().await.expect("prepare");
+    pod.cleanup().await.expect("cleanup");
+    assert_eq!(ns.sysctl("net.ipv4.tcp_fwmark_accept"), "0");
+    assert_eq!(ns.sysctl("net.ipv4.ip_local_reserved_ports"), "15000-15010");
 }
 
 #[tokio::test]

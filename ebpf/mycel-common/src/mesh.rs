@@ -1,5 +1,5 @@
-//! MESH_DESTS, MESH_SOURCES, MESH_BY_COOKIE, MESH_ORIG_DST and MESH_CONFIG: redirection of
-//! connections between enrolled workloads to the node proxy.
+//! MESH_DESTS, MESH_SOURCES, MESH_BY_COOKIE, MESH_ORIG_DST, MESH_CONFIG and MESH_LEASE:
+//! redirection of connections between enrolled workloads to the node proxy.
 //!
 //! The proxy listens inside the network namespace of every enrolled local workload, on the
 //! workload's own address and [`MESH_OUTBOUND_PORT`]. When a process of an enrolled
@@ -9,6 +9,13 @@
 //! the socket's cookie (`MESH_BY_COOKIE`). Once the kernel has chosen the socket's source
 //! port, a `sock_ops` program moves the record to the client's (address, port)
 //! (`MESH_ORIG_DST`), which is what the proxy sees as the peer of the accepted connection.
+//!
+//! The listeners live in the agent, so redirection is only worth doing while the agent
+//! runs: it renews a lease (`MESH_LEASE`) every second, and the connect hooks redirect
+//! only until the lease runs out. An agent that is gone for longer than the lease's grace
+//! (killed, or its DaemonSet deleted) no longer breaks enrolled workloads: their
+//! connections go direct, in plaintext, where the destination accepts that (PERMISSIVE);
+//! STRICT destinations stay closed to plaintext, since TC enforces STRICT by itself.
 //!
 //! Addresses are 16 bytes in network order, IPv4 stored IPv4-mapped, as in `service`.
 
@@ -90,4 +97,18 @@ pub struct MeshConfig {
 }
 const _: () = assert!(core::mem::size_of::<MeshConfig>() == 8);
 
-pod!(MeshDest, MeshSource, OrigDst, OrigDstKey, MeshConfig);
+/// Value of `MESH_LEASE`, an array of one: until when the agent vouches for its proxy
+/// listeners.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MeshLease {
+    /// `CLOCK_MONOTONIC` time in nanoseconds (the clock of `bpf_ktime_get_ns()`) until
+    /// which the connect hooks redirect mesh traffic to the proxy. 0 (never written, or
+    /// ended by an agent that detached): no redirection.
+    pub alive_until_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<MeshLease>() == 8);
+
+pod!(
+    MeshDest, MeshSource, OrigDst, OrigDstKey, MeshConfig, MeshLease
+);

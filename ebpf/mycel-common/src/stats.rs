@@ -37,13 +37,16 @@ pub const STAT_TC_DROPPED: u32 = 14;
 /// A TCP connection from the node was let through as a kubelet probe (counted once per
 /// connection, when its flow is created).
 pub const STAT_TC_PROBE_EXEMPTED: u32 = 15;
+/// connect() between enrolled workloads that went straight to its destination because the
+/// agent's lease (`MESH_LEASE`) had run out: no proxy listens for it.
+pub const STAT_MESH_LEASE_EXPIRED: u32 = 16;
 /// Number of counters; the size of the STATS array. Room is left for more: a pinned STATS
 /// map keeps the size it was created with, so counters past it read as zero until the
 /// pins are removed.
-pub const STAT_MAX: u32 = 16;
+pub const STAT_MAX: u32 = 32;
 
 /// Counter names, index by index, as the agent exports them.
-pub const STAT_NAMES: [&str; 16] = [
+pub const STAT_NAMES: [&str; 17] = [
     "lb_translated",
     "lb_no_backend",
     "lb_slot_missing",
@@ -60,4 +63,5 @@ pub const STAT_NAMES: [&str; 16] = [
     "tc_spoofed_dropped",
     "tc_dropped",
     "tc_probe_exempted",
+    "mesh_lease_expired",
 ];

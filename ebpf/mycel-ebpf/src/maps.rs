@@ -11,7 +11,7 @@ use aya_ebpf::{
 use mycel_common::{
     flow::{DEFAULT_FLOW_ENTRIES, FlowKey, FlowValue},
     mesh::{
-        MESH_DEST_ENTRIES, MESH_ORIG_ENTRIES, MESH_SOURCE_ENTRIES, MeshConfig, MeshDest,
+        MESH_DEST_ENTRIES, MESH_ORIG_ENTRIES, MESH_SOURCE_ENTRIES, MeshConfig, MeshDest, MeshLease,
         MeshSource, OrigDst, OrigDstKey,
     },
     policy::{
@@ -125,3 +125,8 @@ pub static MESH_ORIG_DST: LruHashMap<OrigDstKey, OrigDst> =
 /// The mesh settings, an array of one: the proxy's process id.
 #[map]
 pub static MESH_CONFIG: Array<MeshConfig> = Array::pinned(1, 0);
+
+/// The agent's lease on mesh redirection, an array of one: the connect hooks redirect only
+/// while it runs (see `mycel_common::mesh::MeshLease`).
+#[map]
+pub static MESH_LEASE: Array<MeshLease> = Array::pinned(1, 0);

@@ -7,15 +7,17 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
 };
 use mycel_common::{
     mesh::{MESH_F_ENROLLED, MESH_HBONE_PORT, MESH_OUTBOUND_PORT, MeshSource, OrigDst},
     service::PROTO_TCP,
-    stats::{STAT_MESH_RECORD_FAILED, STAT_MESH_REDIRECTED},
+    stats::{STAT_MESH_LEASE_EXPIRED, STAT_MESH_RECORD_FAILED, STAT_MESH_REDIRECTED},
 };
 
-use crate::maps::{MESH_BY_COOKIE, MESH_CONFIG, MESH_DESTS, MESH_SOURCES, count};
+use crate::maps::{MESH_BY_COOKIE, MESH_CONFIG, MESH_DESTS, MESH_LEASE, MESH_SOURCES, count};
 
 /// Whether a connect hook redirects mesh traffic.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -33,7 +35,8 @@ pub enum Mesh {
 /// Mesh traffic: TCP, from a process of an enrolled workload's network namespace other
 /// than the proxy, to an enrolled destination, on any port but the proxy's own two (HBONE
 /// connections and connections to the listener itself are what the proxy makes and
-/// receives).
+/// receives), while the agent's lease holds: once it has run out (the agent is gone, or
+/// never started), the connection goes to its destination as if nothing were enrolled.
 #[inline(always)]
 pub fn redirect<C: EbpfContext>(
     ctx: &C,
@@ -63,6 +66,14 @@ pub fn redirect<C: EbpfContext>(
         if config.proxy_tgid != 0 && tgid == config.proxy_tgid {
             return None;
         }
+    }
+    // No listener answers once the agent is gone: direct is better than refused. A lease
+    // never written reads as 0, which has always run out.
+    let alive_until = MESH_LEASE.get(0).map_or(0, |l| l.alive_until_ns);
+    // SAFETY: helper call without arguments.
+    if unsafe { bpf_ktime_get_ns() } >= alive_until {
+        count(STAT_MESH_LEASE_EXPIRED);
+        return None;
     }
     let orig = OrigDst {
         addr_be: dst_be,
