@@ -252,6 +252,11 @@ impl Agent<'_> {
         netns::run_in(&self.node.netns, move || http_get(addr, &path))
     }
 
+    /// `/debug/status` as JSON (`null` when it cannot be read).
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/debug/status").1).unwrap_or_default()
+    }
+
     /// `GET path` on the admin endpoint; panics (with the log tail) if it cannot be reached.
     pub fn get(&self, path: &str) -> (u16, String) {
         self.try_get(path).unwrap_or_else(|e| {

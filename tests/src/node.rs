@@ -62,6 +62,17 @@ pub struct Node {
 }
 
 impl Node {
+    /// The kernel programs' counter `name` in this node's pinned maps, whatever any agent
+    /// believes.
+    pub fn kernel_counter(&self, name: &str) -> u64 {
+        mycel_agent::metrics::KernelCounters::new(&self.bpffs)
+            .read()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no kernel counter {name}"))
+    }
+
     /// Builds a node: network namespace with `lo` and bridge `br0` up, a cgroup, a bpffs
     /// directory and an empty resource directory. Its pods get 10.0.0.N/24 and fd00::N/64.
     /// Panics if the machine cannot (call [`crate::require_root!`] first).
@@ -286,8 +297,19 @@ impl Pod {
         self.server("udp-server", port)
     }
 
+    /// Starts a TCP server that answers each line with the address it sees the client at
+    /// (`getpeername()`), on `port` (IPv4 and IPv6), and waits until it listens.
+    pub fn peer_server(&self, port: u16) -> Proc {
+        self.started(&["tcp-peer-server", "--port", &port.to_string()])
+    }
+
     fn server(&self, kind: &str, port: u16) -> Proc {
-        let mut proc = self.testpod(&[kind, "--port", &port.to_string(), "--name", &self.name]);
+        self.started(&[kind, "--port", &port.to_string(), "--name", &self.name])
+    }
+
+    /// Starts a test-pod server with `args` and waits for its `ready`.
+    fn started(&self, args: &[&str]) -> Proc {
+        let mut proc = self.testpod(args);
         if proc
             .wait_for_line(SERVER_START_TIMEOUT, |l| l == "ready")
             .is_none()

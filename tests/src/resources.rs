@@ -209,6 +209,14 @@ impl WorkloadYaml {
         }
     }
 
+    /// The workload for a test pod enrolled in the mesh with mutual TLS mode `mode`
+    /// (`STRICT`, `PERMISSIVE`).
+    pub fn in_mesh(pod: &Pod, app: &str, mode: &str) -> Self {
+        Self::for_pod(pod, app)
+            .label("mycel.dev/mode", "mesh")
+            .label("mycel.dev/mtls-mode", mode)
+    }
+
     /// The same workload as another node's agent sees it: without network namespace,
     /// interface and cgroup, which only exist on the pod's own node. The agent then knows
     /// the pod's addresses and identity but attaches nothing for it.

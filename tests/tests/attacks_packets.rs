@@ -20,10 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mycel_agent::{
-    datapath::{Datapath, MapSizes, PolicyContent},
-    metrics::KernelCounters,
-};
+use mycel_agent::datapath::{Datapath, MapSizes, PolicyContent};
 use mycel_common::policy::{
     ENDPOINT_F_MESH, ENDPOINT_F_MESH_STRICT, ENDPOINT_F_NODE_PROBES, EndpointInfo, IDENTITY_HOST,
     NodeConfig, PolicyKey, PolicyValue,
@@ -157,12 +154,7 @@ fn syn_acks(report: &RawReport, from: SocketAddr) -> usize {
 }
 
 fn counter(node: &Node, name: &str) -> u64 {
-    KernelCounters::new(&node.bpffs)
-        .read()
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| panic!("no kernel counter {name}"))
+    node.kernel_counter(name)
 }
 
 /// A pod may send only from its own addresses: a packet from the attacker with the

@@ -16,20 +16,10 @@ use mycel_tests::{
 const PORT: u16 = 8080;
 const SERVICE_IP: &str = "10.96.7.7";
 const SERVICE_PORT: u16 = 80;
-const MODE: &str = "mycel.dev/mode";
-const MTLS: &str = "mycel.dev/mtls-mode";
 
 /// Starts `mycel-testpod tcp-peer-server` in `pod` (answers with the client's address).
 fn peer_server(pod: &Pod) -> Proc {
-    let proc = pod.testpod(&["tcp-peer-server", "--port", &PORT.to_string()]);
-    assert!(
-        proc.wait_for_line(Duration::from_secs(5), |l| l == "ready")
-            .is_some(),
-        "{} did not get ready: {}",
-        proc.desc(),
-        proc.stderr()
-    );
-    proc
+    pod.peer_server(PORT)
 }
 
 /// The service both nodes know, backed by `server`.
@@ -48,9 +38,21 @@ fn write_service(two: &TwoNodes, server: &Pod) {
 }
 
 fn enrolled(pod: &Pod, app: &str, mode: &str) -> WorkloadYaml {
-    WorkloadYaml::for_pod(pod, app)
-        .label(MODE, "mesh")
-        .label(MTLS, mode)
+    WorkloadYaml::in_mesh(pod, app, mode)
+}
+
+/// A client pod on node 1 and a server pod on node 2, both enrolled STRICT.
+fn strict_pair(two: &TwoNodes) -> (Pod, Pod) {
+    let client = two.node1.pod("client");
+    let server = two.node2.pod("server");
+    two.write_workloads(
+        "workloads.yaml",
+        &[
+            (&client, enrolled(&client, "client", "STRICT")),
+            (&server, enrolled(&server, "server", "STRICT")),
+        ],
+    );
+    (client, server)
 }
 
 /// Waits until `agent` serves `n` local workloads in the mesh: listening in their
@@ -197,19 +199,36 @@ fn policy_by_principal_and_strict_mode() {
         ]
     };
     two.write_workloads("workloads.yaml", &workloads("STRICT"));
-    let policy = r#"
+    // The principal `good`, the principal `outsider` (which plaintext cannot prove) and,
+    // with `by_address`, the outsider's own address.
+    let allow = |by_address: bool| {
+        let extra = if by_address {
+            // Both of its addresses: an identity whose addresses straddle a block is not
+            // matched by an ALLOW.
+            format!(
+                "    - source: {{ipBlocks: [\"{}/32\", \"{}/128\"]}}\n",
+                outsider.ipv4, outsider.ipv6
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            r#"
 apiVersion: mycel.dev/v1alpha1
 kind: AuthorizationPolicy
-metadata: {name: only-good, namespace: default}
+metadata: {{name: only-good, namespace: default}}
 spec:
-  selector: {matchLabels: {app: server}}
+  selector: {{matchLabels: {{app: server}}}}
   action: ALLOW
   rules:
   - from:
-    - source: {principals: ["cluster.local/ns/default/sa/good"]}
-"#;
+    - source: {{principals: ["cluster.local/ns/default/sa/good", "cluster.local/ns/default/sa/outsider"]}}
+{extra}"#
+        )
+    };
+    // The policy lets the outsider's address in: only STRICT keeps its plaintext out.
     for node in two.nodes() {
-        node.resources().write("policy.yaml", &[policy.to_owned()]);
+        node.resources().write("policy.yaml", &[allow(true)]);
     }
     let (a1, a2) = two.start_agents(AgentOptions::default());
     wait_serving(&a1, 2);
@@ -239,33 +258,26 @@ spec:
         "the denial is logged with the peer's identity"
     );
 
-    // STRICT: plaintext from a workload outside the mesh is dropped in the kernel.
+    // STRICT: plaintext from a workload outside the mesh is dropped in the kernel, although
+    // the policy allows its address.
+    let strict_before = two.node2.kernel_counter("mesh_strict_dropped");
     let report = outsider.tcp_client_with(dst, 2, &["--timeout-ms", "500"]);
     assert!(
         report.results.iter().all(|r| r.error.is_some()),
         "plaintext reached a STRICT workload: {}",
         report.summary()
     );
+    let strict_after = two.node2.kernel_counter("mesh_strict_dropped");
+    assert!(
+        strict_after > strict_before,
+        "STRICT dropped it ({strict_before} -> {strict_after})"
+    );
+
     // PERMISSIVE: plaintext may reach the server, but a principal can only be proven with
     // a certificate: naming the outsider's principal lets nothing in (as in Istio), an
     // ipBlock with its address does.
-    let allow = |extra: &str| {
-        format!(
-            r#"
-apiVersion: mycel.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: only-good, namespace: default}}
-spec:
-  selector: {{matchLabels: {{app: server}}}}
-  action: ALLOW
-  rules:
-  - from:
-    - source: {{principals: ["cluster.local/ns/default/sa/good", "cluster.local/ns/default/sa/outsider"]}}
-{extra}"#
-        )
-    };
     for node in two.nodes() {
-        node.resources().write("policy.yaml", &[allow("")]);
+        node.resources().write("policy.yaml", &[allow(false)]);
     }
     two.write_workloads("workloads.yaml", &workloads("PERMISSIVE"));
     // Enrolled clients still go through the mesh once the change is in.
@@ -285,9 +297,8 @@ spec:
         "plaintext matched a principal it cannot prove: {}",
         report.summary()
     );
-    let by_address = format!("    - source: {{ipBlocks: [\"{}/32\"]}}\n", outsider.ipv4);
     for node in two.nodes() {
-        node.resources().write("policy.yaml", &[allow(&by_address)]);
+        node.resources().write("policy.yaml", &[allow(true)]);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -313,16 +324,8 @@ spec:
 fn rotation_keeps_a_long_connection_and_sigterm_drains() {
     require_root!();
     let two = TwoNodes::new();
-    let client = two.node1.pod("client");
-    let server = two.node2.pod("server");
+    let (client, server) = strict_pair(&two);
     let _server = server.tcp_server(PORT);
-    two.write_workloads(
-        "workloads.yaml",
-        &[
-            (&client, enrolled(&client, "client", "STRICT")),
-            (&server, enrolled(&server, "server", "STRICT")),
-        ],
-    );
     // Certificates of 4 s are renewed every 2 s.
     let opts = AgentOptions::default()
         .arg("--cert-lifetime")
@@ -451,16 +454,8 @@ fn enrolling_and_leaving_at_runtime() {
 fn a_restarted_agent_serves_its_workloads_again() {
     require_root!();
     let two = TwoNodes::new();
-    let client = two.node1.pod("client");
-    let server = two.node2.pod("server");
+    let (client, server) = strict_pair(&two);
     let _server = peer_server(&server);
-    two.write_workloads(
-        "workloads.yaml",
-        &[
-            (&client, enrolled(&client, "client", "STRICT")),
-            (&server, enrolled(&server, "server", "STRICT")),
-        ],
-    );
     let (mut a1, mut a2) = two.start_agents(AgentOptions::default());
     wait_serving(&a1, 1);
     wait_serving(&a2, 1);
@@ -492,16 +487,8 @@ fn a_restarted_agent_serves_its_workloads_again() {
 fn a_policy_change_alone_reaches_new_and_open_tunnels() {
     require_root!();
     let two = TwoNodes::new();
-    let client = two.node1.pod("client");
-    let server = two.node2.pod("server");
+    let (client, server) = strict_pair(&two);
     let _server = server.tcp_server(PORT);
-    two.write_workloads(
-        "workloads.yaml",
-        &[
-            (&client, enrolled(&client, "client", "STRICT")),
-            (&server, enrolled(&server, "server", "STRICT")),
-        ],
-    );
     let (a1, a2) = two.start_agents(AgentOptions::default());
     wait_serving(&a1, 1);
     wait_serving(&a2, 1);

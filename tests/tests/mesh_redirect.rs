@@ -24,7 +24,6 @@ use mycel_agent::{
         OrigDstTable, PolicyContent, dump_flows,
     },
     flows::record::drop_reason_name,
-    metrics::KernelCounters,
     state::{Affinity, Frontend, FrontendSpec, ObjectRef, Protocol},
 };
 use mycel_common::{
@@ -253,12 +252,7 @@ fn cgroup_id(dir: &std::path::Path) -> u64 {
 }
 
 fn counter(node: &Node, name: &str) -> u64 {
-    KernelCounters::new(&node.bpffs)
-        .read()
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| panic!("no kernel counter {name}"))
+    node.kernel_counter(name)
 }
 
 fn client_args(addr: SocketAddr, timeout_ms: &str) -> Vec<String> {

@@ -16,8 +16,6 @@ use mycel_tests::twonode::TwoNodes;
 use mycel_tests::{Agent, AgentOptions, ClientReport, Pod, Proc, WorkloadYaml, require_root};
 
 const PORT: u16 = 8080;
-const MODE: &str = "mycel.dev/mode";
-const MTLS: &str = "mycel.dev/mtls-mode";
 /// Fresh clients: one before the rotation, then one after each of the six changes (three
 /// steps on two nodes).
 const FRESH_CLIENTS: usize = 7;
@@ -25,26 +23,15 @@ const FRESH_CLIENTS: usize = 7;
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn peer_server(pod: &Pod) -> Proc {
-    let proc = pod.testpod(&["tcp-peer-server", "--port", &PORT.to_string()]);
-    assert!(
-        proc.wait_for_line(Duration::from_secs(5), |l| l == "ready")
-            .is_some(),
-        "{} did not get ready: {}",
-        proc.desc(),
-        proc.stderr()
-    );
-    proc
+    pod.peer_server(PORT)
 }
 
 fn enrolled(pod: &Pod, app: &str) -> WorkloadYaml {
-    WorkloadYaml::for_pod(pod, app)
-        .label(MODE, "mesh")
-        .label(MTLS, "STRICT")
+    WorkloadYaml::in_mesh(pod, app, "STRICT")
 }
 
 fn status(agent: &Agent<'_>) -> serde_json::Value {
-    let (_, body) = agent.get("/debug/status");
-    serde_json::from_str(&body).unwrap_or_default()
+    agent.status_json()
 }
 
 /// Waits until `agent`'s status satisfies `done`.

@@ -8,11 +8,8 @@ use std::{
     time::Duration,
 };
 
-use mycel_agent::{
-    datapath::{
-        Datapath, MapSizes, PolicyContent, TcMode, dump_flows, parse_flow_event, spawn_flow_reader,
-    },
-    metrics::KernelCounters,
+use mycel_agent::datapath::{
+    Datapath, MapSizes, PolicyContent, TcMode, dump_flows, parse_flow_event, spawn_flow_reader,
 };
 use mycel_common::{
     flow::{FLOW_EVENT_DROP, FLOW_EVENT_NEW, FLOW_F_MIDSTREAM, FlowEvent, FlowKey, FlowValue},
@@ -724,12 +721,7 @@ impl Events {
 }
 
 fn counter(node: &Node, name: &str) -> u64 {
-    KernelCounters::new(&node.bpffs)
-        .read()
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| panic!("no kernel counter {name}"))
+    node.kernel_counter(name)
 }
 
 /// Packets the programs cannot judge are dropped, counted and reported with a reason;

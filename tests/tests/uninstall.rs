@@ -20,14 +20,11 @@ use aya::programs::{SchedClassifier, tc::TcAttachType};
 use mycel_agent::datapath::{
     Datapath, MESH_F_ENROLLED, MapSizes, MeshContent, MeshDest, MeshSource, TcMode, mesh_addr,
 };
-use mycel_agent::metrics::KernelCounters;
 use mycel_tests::{
     Agent, AgentOptions, ClientReport, Node, Pod, Proc, WorkloadYaml, env, netns, require_root,
 };
 
 const PORT: u16 = 8080;
-const MODE: &str = "mycel.dev/mode";
-const MTLS: &str = "mycel.dev/mtls-mode";
 /// The proxy's ports inside enrolled namespaces, which the agent reserves there.
 const PROXY_PORTS: [u16; 2] = [15001, 15008];
 /// The routing table and rule priority the agent adds in enrolled namespaces.
@@ -35,21 +32,11 @@ const TABLE: &str = "15008";
 
 /// Starts `mycel-testpod tcp-peer-server` in `pod` (answers with the client's address).
 fn peer_server(pod: &Pod) -> Proc {
-    let proc = pod.testpod(&["tcp-peer-server", "--port", &PORT.to_string()]);
-    assert!(
-        proc.wait_for_line(Duration::from_secs(5), |l| l == "ready")
-            .is_some(),
-        "{} did not get ready: {}",
-        proc.desc(),
-        proc.stderr()
-    );
-    proc
+    pod.peer_server(PORT)
 }
 
 fn enrolled(pod: &Pod, app: &str, mode: &str) -> WorkloadYaml {
-    WorkloadYaml::for_pod(pod, app)
-        .label(MODE, "mesh")
-        .label(MTLS, mode)
+    WorkloadYaml::in_mesh(pod, app, mode)
 }
 
 /// A node with an enrolled client, a PERMISSIVE server and a STRICT server (both answer
@@ -108,12 +95,7 @@ impl Mesh {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        KernelCounters::new(&self.node.bpffs)
-            .read()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v)
-            .unwrap_or_else(|| panic!("no kernel counter {name}"))
+        self.node.kernel_counter(name)
     }
 }
 
@@ -580,14 +562,7 @@ fn the_kernel_redirects_only_while_the_lease_holds() {
             .next()
             .expect("an answer")
     };
-    let expired = || {
-        KernelCounters::new(&node.bpffs)
-            .read()
-            .into_iter()
-            .find(|(n, _)| *n == "mesh_lease_expired")
-            .map(|(_, v)| v)
-            .expect("the mesh_lease_expired counter")
-    };
+    let expired = || node.kernel_counter("mesh_lease_expired");
 
     // A lease never written: enrolled, yet direct.
     assert_eq!(answer("no lease yet"), "b");

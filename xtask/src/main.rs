@@ -7,12 +7,14 @@
 //! - `test-kernels` boots the kernels mycel supports under qemu and runs its kernel checks
 //!   in each (also part of `test`).
 //! - `demo` and `bench <name>` build the release binaries and run the demo or a benchmark.
+//! - `fuzz` runs the cargo-fuzz targets longer than `test` does.
 //! - `codegen` regenerates the files made from Rust types: the CRDs in `manifests/crds/`.
 
 #![forbid(unsafe_code)]
 
 mod cmd;
 mod codegen;
+mod fuzz;
 mod kernels;
 mod readme;
 mod run;
@@ -55,6 +57,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the cargo-fuzz targets in fuzz/ (each for --seconds, 300 by default).
+    Fuzz(fuzz::Options),
     /// Regenerate the CRDs in manifests/crds/ from the Rust types in api/ (a test fails
     /// when they are stale).
     Codegen,
@@ -97,6 +101,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             name: Some(name),
             args,
         } => run::bench(&ctx, &name, &args),
+        Command::Fuzz(opts) => {
+            fuzz::run(&ctx, &opts)?;
+            Ok(0)
+        }
         Command::Codegen => {
             codegen::run(&ctx)?;
             Ok(0)

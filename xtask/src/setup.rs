@@ -12,9 +12,12 @@
 
 mod apt;
 mod bpf_linker;
+mod cargo_fuzz;
 mod mounts;
 mod os;
 mod rustup;
+
+pub use rustup::EBPF_TOOLCHAIN;
 
 use std::time::Instant;
 
@@ -238,6 +241,7 @@ fn system_checks(ctx: &Ctx, llvm: u32) -> anyhow::Result<Vec<Check>> {
     let linker_ok = matches!(linker.status, Status::Present(_));
     let mut checks = apt::check(ctx, &os, llvm, linker_ok)?;
     checks.push(linker);
+    checks.push(cargo_fuzz::check(ctx));
     checks.extend(mounts::check(ctx));
     Ok(checks)
 }

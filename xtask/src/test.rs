@@ -1,5 +1,6 @@
-//! `cargo xtask test`: what CI runs. Setup, formatting, lints, every test, then the kernel
-//! matrix (the kernel-level checks on each supported kernel, under qemu).
+//! `cargo xtask test`: what CI runs. Setup, formatting, lints, every test, the fuzz targets
+//! for a few seconds each, then the kernel matrix (the kernel-level checks on each supported
+//! kernel, under qemu).
 
 use std::time::Instant;
 
@@ -23,6 +24,9 @@ pub struct Options {
     /// Skip the kernel matrix (`cargo xtask test-kernels`).
     #[arg(long)]
     no_kernels: bool,
+    /// Skip the fuzz targets (each runs for a few seconds otherwise).
+    #[arg(long)]
+    no_fuzz: bool,
     /// Passed to `cargo test` after `--workspace` (a test name filter, or `-- --nocapture`).
     #[arg(last = true)]
     args: Vec<String>,
@@ -34,6 +38,7 @@ pub fn run(ctx: &Ctx, opts: &Options) -> anyhow::Result<()> {
     let steps = 2
         + usize::from(!opts.no_fmt)
         + usize::from(!opts.no_clippy)
+        + usize::from(!opts.no_fuzz)
         + usize::from(!opts.no_kernels);
     let mut n = 0;
     let mut announce = |what: &str| {
@@ -100,6 +105,16 @@ pub fn run(ctx: &Ctx, opts: &Options) -> anyhow::Result<()> {
     if !ok {
         let secs = started.elapsed().as_secs_f64();
         bail!("tests failed (above) after {secs:.0} s");
+    }
+
+    if !opts.no_fuzz {
+        let targets = crate::fuzz::targets(ctx)?;
+        announce(&format!(
+            "fuzz targets, {} s each: {}",
+            crate::fuzz::TEST_SECONDS,
+            targets.join(", ")
+        ));
+        crate::fuzz::run_targets(ctx, &targets, crate::fuzz::TEST_SECONDS)?;
     }
 
     if !opts.no_kernels {

@@ -1268,6 +1268,16 @@ spec:
         assert_eq!(update.deletes, [key(Kind::Service, "web")]);
     }
 
+    /// Writes a valid `web.yaml` (port 81) and expects its Service as the one upsert.
+    async fn fix_web(dir: &Path, rx: &mut mpsc::Receiver<SourceEvent>) {
+        write(dir, "web.yaml", &SERVICE.replace("port: 80", "port: 81"));
+        let update = next_update(rx).await;
+        assert_eq!(
+            keys(&update.upserts),
+            BTreeSet::from([key(Kind::Service, "web")])
+        );
+    }
+
     #[tokio::test]
     async fn broken_file_keeps_its_last_good_objects() {
         let dir = tempfile::tempdir().unwrap();
@@ -1292,16 +1302,7 @@ spec:
         quiet(&mut rx).await;
 
         // Fixed: the change applies.
-        write(
-            dir.path(),
-            "web.yaml",
-            &SERVICE.replace("port: 80", "port: 81"),
-        );
-        let update = next_update(&mut rx).await;
-        assert_eq!(
-            keys(&update.upserts),
-            BTreeSet::from([key(Kind::Service, "web")])
-        );
+        fix_web(dir.path(), &mut rx).await;
     }
 
     #[tokio::test]
@@ -1332,16 +1333,7 @@ spec:
         );
         assert_eq!(next_rejected(&mut rx).await, 1);
         // Fixed: the file's own contents apply, and become the saved version.
-        write(
-            dir.path(),
-            "web.yaml",
-            &SERVICE.replace("port: 80", "port: 81"),
-        );
-        let update = next_update(&mut rx).await;
-        assert_eq!(
-            keys(&update.upserts),
-            BTreeSet::from([key(Kind::Service, "web")])
-        );
+        fix_web(dir.path(), &mut rx).await;
         drop((source, rx));
         let text = fs::read_to_string(saved.path().join("web.yaml")).unwrap();
         assert!(text.contains("port: 81"), "{text}");
