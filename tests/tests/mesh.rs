@@ -550,6 +550,10 @@ spec:
         closed_after < 1_000_000,
         "the open tunnel was closed {closed_after} µs after the DENY was written"
     );
+    eprintln!(
+        "after the DENY was written: new tunnels refused within {refused_after} µs, the open \
+         one closed after {closed_after} µs"
+    );
     let revoked = a2
         .metric_value(
             "mycel_proxy_connections_failed_total",
