@@ -105,6 +105,28 @@ pub enum Error {
     },
 }
 
+/// Times a program load is tried when the verifier was interrupted, as libbpf does.
+const LOAD_ATTEMPTS: usize = 5;
+
+/// Loads a program with `load`, again when the kernel answers EAGAIN: the verifier gives
+/// up when a signal is pending for the loading thread (the larger a program, the likelier
+/// during a long verification), which says nothing about the program.
+pub(crate) fn load_retrying(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 pub(crate) fn programs_err(name: &'static str, e: aya::programs::ProgramError) -> Error {
     Error::Program {
         name,

@@ -114,7 +114,12 @@ pub fn run(ctx: &Ctx, opts: &Options) -> anyhow::Result<()> {
             crate::fuzz::TEST_SECONDS,
             targets.join(", ")
         ));
-        crate::fuzz::run_targets(ctx, &targets, crate::fuzz::TEST_SECONDS)?;
+        crate::fuzz::run_targets(
+            ctx,
+            &targets,
+            crate::fuzz::TEST_SECONDS,
+            crate::fuzz::Build::Quick,
+        )?;
     }
 
     if !opts.no_kernels {

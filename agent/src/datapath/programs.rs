@@ -253,7 +253,7 @@ fn load_and_attach(ebpf: &mut Ebpf, name: &str, cgroup: &fs::File) -> Result<FdL
         })?
         .try_into()
         .map_err(|e| prog_err(hook, e))?;
-    program.load().map_err(|e| prog_err(hook, e))?;
+    super::load_retrying(|| program.load()).map_err(|e| prog_err(hook, e))?;
     // On kernels with bpf_link (≥ 5.7, which pinning needs) cgroup links always coexist
     // with other programs; aya passes the mode as link_create flags, which must be 0,
     // hence `Single`.
@@ -279,7 +279,7 @@ fn load_and_attach_sock_ops(ebpf: &mut Ebpf, cgroup: &fs::File) -> Result<FdLink
         })?
         .try_into()
         .map_err(|e| prog_err(SOCK_OPS, e))?;
-    program.load().map_err(|e| prog_err(SOCK_OPS, e))?;
+    super::load_retrying(|| program.load()).map_err(|e| prog_err(SOCK_OPS, e))?;
     // As for the sock_addr programs: a bpf_link, which coexists with other programs.
     let link_id = program
         .attach(cgroup, CgroupAttachMode::Single)

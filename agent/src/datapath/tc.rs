@@ -66,9 +66,8 @@ pub struct TcAttachment {
 /// Loads both programs into the kernel (they are attached per interface later).
 pub(super) fn load(ebpf: &mut Ebpf) -> Result<(), Error> {
     for (name, _, _) in TC_PROGRAMS {
-        program(ebpf, name)?
-            .load()
-            .map_err(|e| super::programs_err(name, e))?;
+        let program = program(ebpf, name)?;
+        super::load_retrying(|| program.load()).map_err(|e| super::programs_err(name, e))?;
     }
     Ok(())
 }
