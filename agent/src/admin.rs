@@ -86,6 +86,10 @@ pub struct Status {
     /// are not.
     #[serde(default)]
     pub ca_reload: crate::identity::ReloadStatus,
+    /// Local identities without a (renewed) certificate because the last request to the
+    /// identity server failed, and why.
+    #[serde(default)]
+    pub certificate_errors: std::collections::BTreeMap<String, String>,
 }
 
 /// One CA certificate of the trust bundle, as `mycel status` shows it.

@@ -73,6 +73,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "Key exchanges of mesh TLS handshakes, by the group negotiated",
         crate::identity::crypto::key_exchanges(),
     );
+    registry.register(
+        "mycel_certificate_issuances",
+        "Workload certificates obtained or not, by signer (local CA or identity server)",
+        crate::identity::issuances(),
+    );
     let kernel = Arc::new(KernelCounters::new(&cfg.bpffs));
     registry.register_collector(Box::new(kernel.clone()));
 
@@ -120,9 +125,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("renewing the mesh redirect lease")?;
     let (mesh, certs) = start_mesh(&cfg, &datapath, proxy_metrics)?;
     // The CA directory is read again while the agent runs: a CA rotation needs no restart.
-    crate::identity::CaDir::new(&cfg.ca_dir, ca_metrics)
-        .context("watching the CA directory")?
-        .spawn(certs.clone(), cfg.ca_reload_interval);
+    // With the identity server it holds only the trust bundle.
+    if certs.is_remote() {
+        crate::identity::CaDir::bundle_only(&cfg.ca_dir, ca_metrics)
+    } else {
+        crate::identity::CaDir::new(&cfg.ca_dir, ca_metrics)
+    }
+    .context("watching the CA directory")?
+    .spawn(certs.clone(), cfg.ca_reload_interval);
     // Flow events from the kernel feed metrics, the recent-flows ring and the flow log; the
     // FLOWS table is read every few seconds so long connections count bytes while open.
     let ring = match datapath.take_flow_events() {
@@ -301,6 +311,44 @@ fn start_mesh(
     datapath: &Datapath,
     metrics: Arc<ProxyMetrics>,
 ) -> anyhow::Result<(Mesh, CertManager)> {
+    let certs = match &cfg.identity_server {
+        Some(remote) => remote_certs(cfg, remote)?,
+        None => local_certs(cfg)?,
+    };
+    let mesh = Mesh::new(
+        MeshConfig {
+            proxy: proxy::Config::default(),
+            access_log: cfg.access_log,
+        },
+        certs.clone(),
+        datapath.mesh.orig_dst_table(),
+        metrics,
+    );
+    Ok((mesh, certs))
+}
+
+/// Certificates from the identity server: the CA directory holds only the trust bundle.
+fn remote_certs(
+    cfg: &Config,
+    remote: &crate::identity::RemoteSigner,
+) -> anyhow::Result<CertManager> {
+    let key = cfg.ca_dir.join(crate::identity::CA_KEY_FILE);
+    if key.exists() {
+        warn!(
+            key = %key.display(),
+            "a CA key is in the CA directory although certificates come from the identity \
+             server: it is not used; mount only ca.pem (see manifests/README.md)"
+        );
+    }
+    let bundle = TrustBundle::from_file(&cfg.ca_dir.join(crate::identity::CA_CERT_FILE))
+        .context("the trust bundle of the identity server's CA")?;
+    info!(server = %remote.server, server_id = %remote.server_id, "workload certificates come from the identity server");
+    CertManager::remote(remote.clone(), bundle, &cfg.trust_domain, cfg.post_quantum)
+        .context("starting the certificate manager")
+}
+
+/// Certificates signed by the agent's own CA.
+fn local_certs(cfg: &Config) -> anyhow::Result<CertManager> {
     let ca = match &cfg.source {
         SourceConfig::Kubernetes { .. } => {
             let cert = cfg.ca_dir.join(crate::identity::CA_CERT_FILE);
@@ -324,24 +372,14 @@ fn start_mesh(
     };
     // The roots are those the CA's file names (the manager adds them).
     let bundle = TrustBundle::default();
-    let certs = CertManager::with_key_exchange(
+    CertManager::with_key_exchange(
         ca,
         bundle,
         &cfg.trust_domain,
         cfg.cert_lifetime,
         cfg.post_quantum,
     )
-    .context("starting the certificate manager")?;
-    let mesh = Mesh::new(
-        MeshConfig {
-            proxy: proxy::Config::default(),
-            access_log: cfg.access_log,
-        },
-        certs.clone(),
-        datapath.mesh.orig_dst_table(),
-        metrics,
-    );
-    Ok((mesh, certs))
+    .context("starting the certificate manager")
 }
 
 struct Agent {
@@ -679,6 +717,7 @@ impl Agent {
             s.trust_bundle = admin::TrustAnchor::from_bundle(&self.certs.bundle());
             s.signing_ca = self.certs.signing_ca();
             s.ca_reload = self.certs.reload_status();
+            s.certificate_errors = self.certs.issue_errors();
         }
         if !self.tc_pending.is_empty() {
             tokio::task::block_in_place(|| self.sync_policy(false));
@@ -768,6 +807,7 @@ impl Agent {
             s.key_exchange = self.certs.key_exchange_groups();
             s.signing_ca = self.certs.signing_ca();
             s.ca_reload = self.certs.reload_status();
+            s.certificate_errors = self.certs.issue_errors();
         }
         // Rebuilding the owners costs a copy of every service's name: only when they change.
         let version = self.datapath.services.owners_version();

@@ -620,6 +620,11 @@ fn certificates_text(s: &Status, now: SystemTime) -> String {
             "CA directory NOT APPLIED (the last good CA and trust bundle are in force): {e}\n"
         ));
     }
+    for (id, e) in &s.certificate_errors {
+        out.push_str(&format!(
+            "NO CERTIFICATE for {id} from the identity server (retrying): {e}\n"
+        ));
+    }
     if !s.key_exchange.is_empty() {
         out.push_str(&format!(
             "key exchange: {} (preferred first)\n",
@@ -995,6 +1000,24 @@ mod tests {
     }
 
     use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn status_shows_identities_the_identity_server_did_not_sign() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut status = status_with_certificates(now);
+        status.certificate_errors.insert(
+            "spiffe://cluster.local/ns/shop/sa/db".into(),
+            "the identity server refused (403): no pod".into(),
+        );
+        let text = status_text(&status, now);
+        assert!(
+            text.contains(
+                "NO CERTIFICATE for spiffe://cluster.local/ns/shop/sa/db from the identity \
+                 server (retrying): the identity server refused (403): no pod"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn status_shows_certificates_and_the_trust_bundle() {

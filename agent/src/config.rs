@@ -124,6 +124,12 @@ pub struct Config {
     /// post-quantum key exchange X25519MLKEM768 first and keeps X25519 for peers without
     /// it; `require` offers and accepts X25519MLKEM768 only.
     pub post_quantum: crate::identity::KeyExchange,
+    /// `--identity-server`, `--identity-token`, `--identity-server-id`
+    /// (`MYCEL_IDENTITY_*`): where workload certificates come from when the agent holds no
+    /// CA key. With them, `--ca-dir` holds only `ca.pem` (the trust bundle) and every
+    /// certificate is asked of the identity server, which signs only identities of pods on
+    /// this node. Without them the agent signs with the CA key of `--ca-dir`.
+    pub identity_server: Option<crate::identity::RemoteSigner>,
     /// `--drain-grace` / `MYCEL_DRAIN_GRACE`: on SIGTERM, how long open proxied connections
     /// may take to finish before they are closed.
     pub drain_grace: std::time::Duration,
@@ -235,6 +241,17 @@ pub struct Args {
     /// X25519 for peers without it) or `require` (X25519MLKEM768 only).
     #[arg(long, env = "MYCEL_POST_QUANTUM", default_value = "prefer")]
     pub post_quantum: String,
+    /// The identity server that signs workload certificates, HOST:PORT (or
+    /// https://HOST:PORT); the agent then holds no CA key (--ca-dir has only ca.pem).
+    #[arg(long, env = "MYCEL_IDENTITY_SERVER")]
+    pub identity_server: Option<String>,
+    /// The projected ServiceAccount token (audience mycel-identity) sent to the identity
+    /// server, read again at every request.
+    #[arg(long, env = "MYCEL_IDENTITY_TOKEN")]
+    pub identity_token: Option<String>,
+    /// The SPIFFE ID the identity server's certificate must name.
+    #[arg(long, env = "MYCEL_IDENTITY_SERVER_ID")]
+    pub identity_server_id: Option<String>,
     /// On SIGTERM, how long open proxied connections may take to finish.
     #[arg(long, env = "MYCEL_DRAIN_GRACE", default_value = DEFAULT_DRAIN_GRACE)]
     pub drain_grace: String,
@@ -359,6 +376,7 @@ impl Config {
                 .post_quantum
                 .parse()
                 .map_err(|why: String| invalid("--post-quantum", &args.post_quantum, why))?,
+            identity_server: identity_server(args)?,
             drain_grace: duration("--drain-grace", &args.drain_grace, 0)?,
             access_log: args.access_log,
             node_traffic: NodeTraffic::parse(&args.node_traffic).ok_or_else(|| {
@@ -423,6 +441,56 @@ fn absolute(setting: &'static str, v: &str) -> Result<PathBuf, Error> {
         return Err(invalid(setting, v, "must be an absolute path"));
     }
     Ok(PathBuf::from(v))
+}
+
+/// `--identity-server`, `--identity-token`, `--identity-server-id`: all three or none.
+fn identity_server(args: &Args) -> Result<Option<crate::identity::RemoteSigner>, Error> {
+    fn set(v: &Option<String>) -> Option<&str> {
+        v.as_deref().map(str::trim).filter(|v| !v.is_empty())
+    }
+    let (server, token, id) = match (
+        set(&args.identity_server),
+        set(&args.identity_token),
+        set(&args.identity_server_id),
+    ) {
+        (None, None, None) => return Ok(None),
+        (Some(s), Some(t), Some(i)) => (s, t, i),
+        (server, token, _) => {
+            let missing = if server.is_none() {
+                "--identity-server"
+            } else if token.is_none() {
+                "--identity-token"
+            } else {
+                "--identity-server-id"
+            };
+            return Err(invalid(
+                missing,
+                "",
+                "--identity-server, --identity-token and --identity-server-id go together",
+            ));
+        }
+    };
+    let hostport = server
+        .strip_prefix("https://")
+        .unwrap_or(server)
+        .trim_end_matches('/');
+    let port_ok = hostport
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok || hostport.contains('/') {
+        return Err(invalid(
+            "--identity-server",
+            server,
+            "expected HOST:PORT or https://HOST:PORT",
+        ));
+    }
+    let server_id = crate::identity::SpiffeId::parse(id)
+        .map_err(|e| invalid("--identity-server-id", id, e.to_string()))?;
+    Ok(Some(crate::identity::RemoteSigner {
+        server: hostport.to_owned(),
+        token: absolute("--identity-token", token)?,
+        server_id,
+    }))
 }
 
 /// `--ca-dir`: required with Kubernetes (one CA for every node), defaulted standalone.
@@ -591,6 +659,9 @@ mod tests {
             state_dir: DEFAULT_STATE_DIR.into(),
             cert_lifetime: "24h".into(),
             post_quantum: "prefer".into(),
+            identity_server: None,
+            identity_token: None,
+            identity_server_id: None,
             ca_reload_interval: "5s".into(),
             drain_grace: DEFAULT_DRAIN_GRACE.into(),
             access_log: false,
@@ -612,6 +683,44 @@ mod tests {
             let e = Config::from_args(&a, MOUNTS).unwrap_err();
             assert_eq!(e.setting, "--redirect-grace", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn identity_server_settings_go_together() {
+        let with = |server: Option<&str>, token: Option<&str>, id: Option<&str>| {
+            let mut a = args();
+            a.identity_server = server.map(Into::into);
+            a.identity_token = token.map(Into::into);
+            a.identity_server_id = id.map(Into::into);
+            Config::from_args(&a, MOUNTS)
+        };
+        let id = "spiffe://cluster.local/ns/mycel-system/sa/mycel-identity";
+        assert_eq!(with(None, None, None).unwrap().identity_server, None);
+        let remote = with(
+            Some("https://mycel-identity.mycel-system.svc:15012/"),
+            Some("/var/run/secrets/mycel/identity/token"),
+            Some(id),
+        )
+        .unwrap()
+        .identity_server
+        .expect("remote signer");
+        assert_eq!(remote.server, "mycel-identity.mycel-system.svc:15012");
+        assert_eq!(remote.server_id.to_string(), id);
+        // One without the others would silently fall back to a local CA: refused.
+        let e = with(Some("h:15012"), None, Some(id)).unwrap_err();
+        assert_eq!(e.setting, "--identity-token");
+        let e = with(None, Some("/t"), Some(id)).unwrap_err();
+        assert_eq!(e.setting, "--identity-server");
+        let e = with(Some("h:15012"), Some("/t"), None).unwrap_err();
+        assert_eq!(e.setting, "--identity-server-id");
+        for bad in ["h", "h:0", ":15012", "h:port", "https://h:1/x"] {
+            let e = with(Some(bad), Some("/t"), Some(id)).unwrap_err();
+            assert_eq!(e.setting, "--identity-server", "{bad}");
+        }
+        let e = with(Some("h:1"), Some("token"), Some(id)).unwrap_err();
+        assert_eq!(e.setting, "--identity-token");
+        let e = with(Some("h:1"), Some("/t"), Some("spiffe://x/other")).unwrap_err();
+        assert_eq!(e.setting, "--identity-server-id");
     }
 
     #[test]

@@ -24,7 +24,10 @@ use std::{io, path::PathBuf};
 
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW, Ca, Svid, TrustBundle};
 pub use crypto::KeyExchange;
-pub use manager::{CertInfo, CertManager, DEFAULT_SVID_LIFETIME, WeakCertManager};
+pub use manager::{
+    CertInfo, CertManager, DEFAULT_SVID_LIFETIME, IssuanceLabels, RemoteSigner, WeakCertManager,
+    issuances,
+};
 pub use reload::{CaDir, ReloadStatus};
 pub use spiffe::SpiffeId;
 #[cfg(test)]

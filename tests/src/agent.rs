@@ -40,6 +40,9 @@ pub struct AgentOptions {
     no_wait: bool,
     /// `--ca-dir`; default: `ca` in the node's directory.
     ca_dir: Option<PathBuf>,
+    /// The CA directory holds only the trust bundle (the identity server signs): the
+    /// harness creates no CA there.
+    bundle_only: bool,
 }
 
 impl AgentOptions {
@@ -60,6 +63,29 @@ impl AgentOptions {
     /// source the CA must exist: the harness creates it, as an operator would the Secret.
     pub fn ca_dir(mut self, dir: &std::path::Path) -> Self {
         self.ca_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Gets certificates from the identity server at `server` (`HOST:PORT`, as seen from
+    /// the node's namespace) with the token in `token`, expecting the server to present
+    /// `server_id`; `bundle_dir` holds only `ca.pem`, and no CA is created there.
+    pub fn identity_server(
+        mut self,
+        server: &str,
+        token: &std::path::Path,
+        server_id: &str,
+        bundle_dir: &std::path::Path,
+    ) -> Self {
+        self.ca_dir = Some(bundle_dir.to_path_buf());
+        self.bundle_only = true;
+        self.extra_args.extend([
+            "--identity-server".to_owned(),
+            server.to_owned(),
+            "--identity-token".to_owned(),
+            token.display().to_string(),
+            "--identity-server-id".to_owned(),
+            server_id.to_owned(),
+        ]);
         self
     }
 
@@ -134,7 +160,7 @@ impl Agent<'_> {
             .ca_dir
             .clone()
             .unwrap_or_else(|| self.node.dir().join("ca"));
-        if self.opts.kubernetes.is_some() {
+        if self.opts.kubernetes.is_some() && !self.opts.bundle_only {
             mycel_agent::identity::Ca::load_or_create(&ca_dir, "cluster.local")
                 .unwrap_or_else(|e| panic!("creating the test CA in {}: {e}", ca_dir.display()));
         }

@@ -269,3 +269,216 @@ fn a_node_gets_identities_of_its_own_pods_only() {
     s.refused("token-node-1", &elsewhere, 400, "trust domain");
     assert_eq!(s.counted("issued", ""), 2.0);
 }
+
+/// The agent's status as JSON.
+fn agent_status(agent: &mycel_tests::Agent<'_>) -> Value {
+    let (_, body) = agent.get("/debug/status");
+    serde_json::from_str(&body).unwrap_or_default()
+}
+
+/// The SPIFFE IDs the agent holds certificates for, and their issuers.
+fn agent_certificates(agent: &mycel_tests::Agent<'_>) -> Vec<(String, String)> {
+    agent_status(agent)["certificates"]
+        .as_array()
+        .map(|certs| {
+            certs
+                .iter()
+                .map(|c| {
+                    (
+                        c["id"].as_str().unwrap_or_default().to_owned(),
+                        c["issuer"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+    log: impl Fn() -> String,
+) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(
+            started.elapsed() < timeout,
+            "timed out waiting for {what}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A node agent holding only the trust bundle gets the certificates of its node's mesh
+/// workloads from a running identity server (with a token read again after a refusal),
+/// none for another node's, and the server refuses that agent another node's identity.
+#[test]
+fn an_agent_without_the_ca_key_gets_its_pods_certificates_from_the_identity_server() {
+    mycel_tests::require_root!();
+    use mycel_tests::cluster::{Cluster, pod_object};
+    let node = mycel_tests::Node::new();
+    let cluster = Cluster::start(&node);
+
+    // The CA key is only in the identity server's directory; the agent's holds ca.pem.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_dir = dir.path().join("ca");
+    let ca = Ca::create(&ca_dir, "cluster.local").expect("CA");
+    let bundle_dir = dir.path().join("bundle");
+    std::fs::create_dir(&bundle_dir).expect("bundle dir");
+    std::fs::copy(ca_dir.join(CA_CERT_FILE), bundle_dir.join(CA_CERT_FILE)).expect("ca.pem");
+
+    // The agent's pod on this node; web runs here and db on another node, both enrolled.
+    let web = node.pod_with_cgroup("web-0", "pod2222cccc-0000-4000-8000-000000000003");
+    // A process in the pod: the agent finds a pod's network namespace through them.
+    let _web_server = web.tcp_server(8080);
+    let mut web_obj = pod_object(&web, &cluster.node_name, "default", "web");
+    web_obj["metadata"]["labels"]["mycel.dev/mode"] = json!("mesh");
+    let mut db_obj = pod(
+        "default",
+        "db-1",
+        "uid-db-1",
+        "node-elsewhere",
+        "db",
+        "Running",
+    );
+    db_obj["metadata"]["labels"] = json!({"app": "db", "mycel.dev/mode": "mesh"});
+    db_obj["status"]["podIP"] = json!("10.244.99.9");
+    db_obj["status"]["podIPs"] = json!([{"ip": "10.244.99.9"}]);
+    cluster.api.apply_many_json([
+        mycel_tests::cluster::namespace_object("default", &[]),
+        mycel_tests::cluster::namespace_object(AGENT_NS, &[]),
+        pod(
+            AGENT_NS,
+            "mycel-agent",
+            "uid-agent",
+            &cluster.node_name,
+            AGENT_SA,
+            "Running",
+        ),
+        web_obj,
+        db_obj,
+    ]);
+    cluster.api.add_token(
+        "agent-token",
+        &[server::AUDIENCE],
+        FakeApiServer::service_account_user(AGENT_NS, AGENT_SA, "mycel-agent", "uid-agent"),
+    );
+    // The kubelet has not written the right token yet: the first requests are refused.
+    let token = dir.path().join("token");
+    std::fs::write(&token, "not-the-token\n").expect("token");
+
+    let listen = "127.0.0.1:15012";
+    let server = Proc::spawn(
+        Some(&node.netns),
+        None,
+        mycel_tests::env::mycel_bin(),
+        &[
+            "identity-server",
+            "--listen",
+            listen,
+            "--metrics-addr",
+            "127.0.0.1:15092",
+            "--ca-dir",
+            &ca_dir.display().to_string(),
+            "--kubeconfig",
+            &node.dir().join("kubeconfig").display().to_string(),
+        ],
+    );
+    let agent = cluster
+        .agent_options()
+        .identity_server(listen, &token, &id_of_server().to_string(), &bundle_dir)
+        .start(&node);
+    let log = || {
+        format!(
+            "{}\nstatus: {}\nidentity server:\n{}",
+            agent.log_tail(40),
+            agent_status(&agent),
+            server.stderr()
+        )
+    };
+
+    // Refused while the token is wrong: retried, counted, shown in status; no certificate.
+    let web_id = id("default", "web").to_string();
+    wait_for(
+        "the refusal in status",
+        Duration::from_secs(20),
+        || {
+            agent_status(&agent)["certificate_errors"][&web_id]
+                .as_str()
+                .is_some_and(|e| e.contains("refused"))
+        },
+        log,
+    );
+    assert!(
+        agent.metric_sum_where(
+            "mycel_certificate_issuances_total",
+            &[("signer", "server"), ("result", "failed")]
+        ) >= 1.0
+    );
+    assert!(agent_certificates(&agent).is_empty(), "{}", log());
+
+    // The kubelet rotates the token: the next attempt reads it and gets web's certificate.
+    std::fs::write(&token, "agent-token").expect("token");
+    wait_for(
+        "web's certificate",
+        Duration::from_secs(20),
+        || !agent_certificates(&agent).is_empty(),
+        log,
+    );
+    let certs = agent_certificates(&agent);
+    assert_eq!(
+        certs,
+        vec![(web_id.clone(), ca.subject())],
+        "only the local pod's identity, signed by the server's CA"
+    );
+    assert!(
+        agent_status(&agent)["certificate_errors"]
+            .as_object()
+            .is_none_or(|e| e.is_empty())
+    );
+    assert!(
+        agent.metric_sum_where(
+            "mycel_certificate_issuances_total",
+            &[("signer", "server"), ("result", "issued")]
+        ) >= 1.0
+    );
+    // The agent never held the key.
+    assert!(!bundle_dir.join(mycel_agent::identity::CA_KEY_FILE).exists());
+
+    // With the agent's own token, db (another node's pod) is refused.
+    let trust = TrustBundle::from_file(&bundle_dir.join(CA_CERT_FILE)).expect("bundle");
+    let result = mycel_tests::netns::run_in(&node.netns, move || {
+        let tls = server::client_config(&trust, &id_of_server()).expect("client config");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                server::request_svid(
+                    listen.parse().expect("addr"),
+                    tls,
+                    "agent-token",
+                    &id("default", "db"),
+                ),
+            )
+            .await
+            .expect("the request timed out")
+        })
+    });
+    match result {
+        Err(RequestError::Refused { status, message }) => {
+            assert_eq!(status, 403, "{message}");
+            assert!(
+                message.contains("node-elsewhere") || message.contains(&cluster.node_name),
+                "{message}"
+            );
+        }
+        other => panic!("db's identity was not refused: {other:?}\n{}", log()),
+    }
+    // Still only web.
+    assert_eq!(agent_certificates(&agent), vec![(web_id, ca.subject())]);
+}

@@ -29,8 +29,9 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
-        core::v1::{ConfigMap, Container, Namespace, ServiceAccount},
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount},
+        policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -152,6 +153,9 @@ fn typed(doc: &Doc) -> Result<(), String> {
             roundtrip::<ClusterRoleBinding>(doc)
         }
         ("apps/v1", "DaemonSet") => roundtrip::<DaemonSet>(doc),
+        ("apps/v1", "Deployment") => roundtrip::<Deployment>(doc),
+        ("v1", "Service") => roundtrip::<Service>(doc),
+        ("policy/v1", "PodDisruptionBudget") => roundtrip::<PodDisruptionBudget>(doc),
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
             roundtrip::<CustomResourceDefinition>(doc)
         }
@@ -232,6 +236,34 @@ struct Install {
     role: ClusterRole,
     binding: ClusterRoleBinding,
     account: ServiceAccount,
+    identity: Identity,
+}
+
+/// The identity server's objects.
+#[derive(Debug)]
+struct Identity {
+    deployment: Deployment,
+    pdb: PodDisruptionBudget,
+    service: Service,
+    role: ClusterRole,
+    binding: ClusterRoleBinding,
+    account: ServiceAccount,
+}
+
+/// The one object of `kind` named `name`.
+fn one_named<T: DeserializeOwned>(docs: &[Doc], kind: &str, name: &str) -> T {
+    let found: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == kind && d.name() == name)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} {name}, found {:?}",
+        found.iter().map(|d| &d.source).collect::<Vec<_>>()
+    );
+    serde_json::from_value(found[0].value.clone())
+        .unwrap_or_else(|e| panic!("{}: {e}", found[0].source))
 }
 
 fn one<T: DeserializeOwned>(docs: &[Doc], kind: &str) -> T {
@@ -251,9 +283,17 @@ impl Install {
         Self {
             daemonset: one(docs, "DaemonSet"),
             config: one(docs, "ConfigMap"),
-            role: one(docs, "ClusterRole"),
-            binding: one(docs, "ClusterRoleBinding"),
-            account: one(docs, "ServiceAccount"),
+            role: one_named(docs, "ClusterRole", "mycel"),
+            binding: one_named(docs, "ClusterRoleBinding", "mycel"),
+            account: one_named(docs, "ServiceAccount", "mycel"),
+            identity: Identity {
+                deployment: one(docs, "Deployment"),
+                pdb: one(docs, "PodDisruptionBudget"),
+                service: one(docs, "Service"),
+                role: one_named(docs, "ClusterRole", IDENTITY_NAME),
+                binding: one_named(docs, "ClusterRoleBinding", IDENTITY_NAME),
+                account: one_named(docs, "ServiceAccount", IDENTITY_NAME),
+            },
         }
     }
 
@@ -289,6 +329,7 @@ impl Install {
         self.rbac_problems(&mut p);
         self.wiring_problems(&mut p);
         self.ca_problems(&mut p);
+        self.identity_problems(&mut p);
         p
     }
 
@@ -340,24 +381,285 @@ impl Install {
         if secret.optional == Some(true) {
             p.push("the CA Secret must not be optional: the agent cannot run without it".into());
         }
-        let modes = std::iter::once(secret.default_mode.unwrap_or(0o644))
-            .chain(secret.items.iter().flatten().filter_map(|i| i.mode));
-        for mode in modes {
-            if mode & 0o077 != 0 {
-                p.push(format!(
-                    "the CA key would be readable by others than the agent (mode {mode:o})"
-                ));
-            }
+        // Without `items` every key of the Secret becomes a file of its name, the CA key
+        // included.
+        let Some(items) = &secret.items else {
+            p.push(format!(
+                "the CA volume must list its items: without, the agent would get {CA_KEY_FILE}"
+            ));
+            return;
+        };
+        if !items
+            .iter()
+            .any(|i| i.key == CA_CERT_FILE && i.path == CA_CERT_FILE)
+        {
+            p.push(format!(
+                "the CA Secret's key {CA_CERT_FILE} must be the file {CA_CERT_FILE} in {CA_DIR}"
+            ));
         }
-        // Without `items` every key of the Secret becomes a file of its name.
-        if let Some(items) = &secret.items {
-            for file in [CA_CERT_FILE, CA_KEY_FILE] {
-                if !items.iter().any(|i| i.key == file && i.path == file) {
-                    p.push(format!(
-                        "the CA Secret's key {file} must be the file {file} in {CA_DIR}"
-                    ));
+        if let Some(i) = items.iter().find(|i| i.key != CA_CERT_FILE) {
+            p.push(format!(
+                "the agent must not mount the CA key: its CA volume has the item {} \
+                 (only the identity server holds {CA_KEY_FILE})",
+                i.key
+            ));
+        }
+    }
+
+    /// The agent's settings that point it at the identity server, and the token it proves
+    /// its pod with; the identity server itself: its own account and narrow RBAC, two
+    /// replicas kept by a PodDisruptionBudget, a Service, readiness, the CA Secret (key
+    /// included) mounted only there.
+    fn identity_problems(&self, p: &mut Vec<String>) {
+        let id = &self.identity;
+        let ns = self
+            .daemonset
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_default();
+        let settings = self.settings();
+        let deploy_spec = id.deployment.spec.clone().unwrap_or_default();
+        let pod = deploy_spec.template.spec.clone().unwrap_or_default();
+        let template_labels = deploy_spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
+        let selects = |sel: &BTreeMap<String, String>| {
+            !sel.is_empty() && sel.iter().all(|(k, v)| template_labels.get(k) == Some(v))
+        };
+
+        // The agent's side.
+        let service_name = id.service.metadata.name.clone().unwrap_or_default();
+        let service_port = id
+            .service
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|ports| ports.first())
+            .map(|port| port.port);
+        let want_server = format!(
+            "{service_name}.{ns}.svc:{}",
+            service_port.unwrap_or_default()
+        );
+        if settings.get("MYCEL_IDENTITY_SERVER") != Some(&want_server) {
+            p.push(format!(
+                "MYCEL_IDENTITY_SERVER must be the identity server's Service {want_server}, is {:?}",
+                settings.get("MYCEL_IDENTITY_SERVER")
+            ));
+        }
+        let sa = pod.service_account_name.clone().unwrap_or_default();
+        let td = settings
+            .get("MYCEL_TRUST_DOMAIN")
+            .cloned()
+            .unwrap_or_default();
+        let want_id = format!("spiffe://{td}/ns/{ns}/sa/{sa}");
+        if settings.get("MYCEL_IDENTITY_SERVER_ID") != Some(&want_id) {
+            p.push(format!(
+                "MYCEL_IDENTITY_SERVER_ID must be the identity server's SPIFFE ID {want_id}, is {:?}",
+                settings.get("MYCEL_IDENTITY_SERVER_ID")
+            ));
+        }
+        let token = settings
+            .get("MYCEL_IDENTITY_TOKEN")
+            .cloned()
+            .unwrap_or_default();
+        let (token_dir, token_file) = token.rsplit_once('/').unwrap_or_default();
+        let agent_pod = self.pod_spec();
+        let token_volume = self
+            .agent()
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == token_dir)
+            .and_then(|m| {
+                agent_pod
+                    .volumes
+                    .iter()
+                    .flatten()
+                    .find(|v| v.name == m.name)
+            });
+        let projected = token_volume
+            .and_then(|v| v.projected.as_ref())
+            .and_then(|pr| pr.sources.as_ref())
+            .and_then(|s| s.iter().find_map(|s| s.service_account_token.clone()));
+        match projected {
+            Some(t)
+                if t.audience.as_deref() == Some("mycel-identity")
+                    && t.path == token_file
+                    && t.expiration_seconds.is_some_and(|e| e <= 3600) => {}
+            other => p.push(format!(
+                "MYCEL_IDENTITY_TOKEN {token:?} must be a projected ServiceAccount token \
+                 (audience mycel-identity, expirationSeconds at most 3600), is {other:?}"
+            )),
+        }
+
+        // The server's side.
+        if deploy_spec.replicas != Some(2) {
+            p.push(format!(
+                "the identity server must run 2 replicas, has {:?}",
+                deploy_spec.replicas
+            ));
+        }
+        if !selects(
+            &deploy_spec
+                .selector
+                .match_labels
+                .clone()
+                .unwrap_or_default(),
+        ) {
+            p.push("the identity server's selector does not select its pods".into());
+        }
+        let pdb = id.pdb.spec.clone().unwrap_or_default();
+        if pdb.min_available != Some(IntOrString::Int(1)) {
+            p.push("the identity server's PodDisruptionBudget must keep minAvailable 1".into());
+        }
+        if !selects(
+            &pdb.selector
+                .and_then(|s| s.match_labels)
+                .unwrap_or_default(),
+        ) {
+            p.push("the PodDisruptionBudget does not select the identity server's pods".into());
+        }
+        let svc = id.service.spec.clone().unwrap_or_default();
+        if !selects(&svc.selector.unwrap_or_default()) {
+            p.push("the Service does not select the identity server's pods".into());
+        }
+        let account = id.account.metadata.name.clone().unwrap_or_default();
+        if sa != account || sa == self.account.metadata.name.clone().unwrap_or_default() {
+            p.push(format!(
+                "the identity server must run as its own ServiceAccount {account}, runs as {sa:?}"
+            ));
+        }
+        let subjects: Vec<String> = id
+            .binding
+            .subjects
+            .iter()
+            .flatten()
+            .map(|s| format!("{}/{}", s.namespace.clone().unwrap_or_default(), s.name))
+            .collect();
+        if subjects != [format!("{ns}/{account}")]
+            || id.binding.role_ref.name != id.role.metadata.name.clone().unwrap_or_default()
+        {
+            p.push(format!(
+                "the identity server's ClusterRoleBinding must bind its role to {ns}/{account}, binds {subjects:?}"
+            ));
+        }
+        let mut granted: BTreeSet<String> = BTreeSet::new();
+        for rule in id.role.rules.iter().flatten() {
+            for g in rule.api_groups.iter().flatten() {
+                for r in rule.resources.iter().flatten() {
+                    for v in &rule.verbs {
+                        granted.insert(format!("{g}/{r}:{v}"));
+                    }
                 }
             }
+        }
+        let wanted = BTreeSet::from([
+            "authentication.k8s.io/tokenreviews:create".to_owned(),
+            "/pods:get".to_owned(),
+            "/pods:list".to_owned(),
+        ]);
+        if granted != wanted {
+            p.push(format!(
+                "the identity server's ClusterRole grants {granted:?}, expected exactly {wanted:?}"
+            ));
+        }
+        let Some(c) = pod.containers.first() else {
+            p.push("the identity server has no container".into());
+            return;
+        };
+        if c.args.as_deref() != Some(&["identity-server".to_owned()][..]) {
+            p.push(format!(
+                "the identity server must run `mycel identity-server`, args are {:?}",
+                c.args
+            ));
+        }
+        if c.readiness_probe.is_none() {
+            p.push("the identity server needs a readinessProbe".into());
+        }
+        let env = |name: &str| {
+            c.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        if env("MYCEL_TRUST_DOMAIN") != Some(td.clone()) {
+            p.push("the identity server's MYCEL_TRUST_DOMAIN differs from the agents'".into());
+        }
+        let agents = format!(
+            "{ns}/{}",
+            self.account.metadata.name.clone().unwrap_or_default()
+        );
+        if env("MYCEL_AGENT_SERVICE_ACCOUNT") != Some(agents.clone()) {
+            p.push(format!(
+                "the identity server's MYCEL_AGENT_SERVICE_ACCOUNT must be {agents}"
+            ));
+        }
+        let listen_port = env("MYCEL_LISTEN")
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| i32::from(a.port()));
+        let https = c
+            .ports
+            .iter()
+            .flatten()
+            .find(|cp| cp.name.as_deref() == Some("https"))
+            .map(|cp| cp.container_port);
+        let target = svc
+            .ports
+            .iter()
+            .flatten()
+            .next()
+            .and_then(|pt| pt.target_port.clone());
+        if listen_port.is_none()
+            || https != listen_port
+            || target != Some(IntOrString::String("https".into()))
+        {
+            p.push(format!(
+                "the Service must reach the port the identity server listens on: MYCEL_LISTEN \
+                 port {listen_port:?}, container port https {https:?}, targetPort {target:?}"
+            ));
+        }
+        // The CA key: mounted here, from the same Secret the agents take ca.pem from.
+        let agent_secret = self
+            .ca_volume()
+            .and_then(|v| v.secret.as_ref())
+            .and_then(|s| s.secret_name.clone());
+        let ca_dir = env("MYCEL_CA_DIR").unwrap_or_default();
+        let secret = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == ca_dir && m.read_only == Some(true))
+            .and_then(|m| pod.volumes.iter().flatten().find(|v| v.name == m.name))
+            .and_then(|v| v.secret.clone());
+        match secret {
+            Some(s) if s.secret_name == agent_secret && agent_secret.is_some() => {
+                let items = s.items.clone().unwrap_or_default();
+                for file in [CA_CERT_FILE, CA_KEY_FILE] {
+                    if !items.iter().any(|i| i.key == file && i.path == file) {
+                        p.push(format!(
+                            "the identity server's CA volume lacks the item {file}"
+                        ));
+                    }
+                }
+                let modes = std::iter::once(s.default_mode.unwrap_or(0o644))
+                    .chain(items.iter().filter_map(|i| i.mode));
+                for mode in modes {
+                    if mode & 0o007 != 0 {
+                        p.push(format!(
+                            "the CA key would be readable by others than the identity server (mode {mode:o})"
+                        ));
+                    }
+                }
+            }
+            other => p.push(format!(
+                "the identity server must mount the CA Secret {agent_secret:?} read-only at its \
+                 MYCEL_CA_DIR {ca_dir:?}, has {other:?}"
+            )),
         }
     }
 
@@ -663,6 +965,8 @@ impl Install {
 
 /// Where the agent finds the mesh's CA in its container, and the files it reads there.
 const CA_DIR: &str = "/var/run/secrets/mycel/ca";
+/// The identity server's objects (ServiceAccount, ClusterRole, binding) are named so.
+const IDENTITY_NAME: &str = "mycel-identity";
 
 /// The paths the probes use; [`probes_reach_the_agents_endpoints`] checks that the
 /// agent's readiness listener answers them as a kubelet needs.
@@ -743,7 +1047,10 @@ fn plain_manifests_are_strictly_typed() {
             "ClusterRoleBinding",
             "ConfigMap",
             "DaemonSet",
+            "Deployment",
             "Namespace",
+            "PodDisruptionBudget",
+            "Service",
             "ServiceAccount"
         ])
     );
@@ -995,19 +1302,88 @@ fn the_rules_catch_mistakes() {
         ),
         (
             "readable by others",
-            "DaemonSet",
+            "Deployment",
             Box::new(|v: &mut Value| {
                 ca_secret(v)["defaultMode"] = json!(0o644);
             }),
         ),
         (
-            "ca-key.pem",
-            "DaemonSet",
+            "lacks the item ca-key.pem",
+            "Deployment",
             Box::new(|v: &mut Value| {
                 ca_secret(v)["items"]
                     .as_array_mut()
                     .expect("items")
                     .retain(|i| i["key"] != "ca-key.pem");
+            }),
+        ),
+        (
+            "must not mount the CA key",
+            "DaemonSet",
+            Box::new(|v: &mut Value| {
+                ca_secret(v)["items"]
+                    .as_array_mut()
+                    .expect("items")
+                    .push(json!({"key": "ca-key.pem", "path": "ca-key.pem"}));
+            }),
+        ),
+        (
+            "must list its items",
+            "DaemonSet",
+            Box::new(|v: &mut Value| {
+                ca_secret(v)
+                    .as_object_mut()
+                    .expect("secret")
+                    .remove("items");
+            }),
+        ),
+        (
+            "2 replicas",
+            "Deployment",
+            Box::new(|v: &mut Value| v["spec"]["replicas"] = json!(1)),
+        ),
+        (
+            "minAvailable 1",
+            "PodDisruptionBudget",
+            Box::new(|v: &mut Value| v["spec"]["minAvailable"] = json!(0)),
+        ),
+        (
+            "its own ServiceAccount",
+            "Deployment",
+            Box::new(|v: &mut Value| {
+                v["spec"]["template"]["spec"]["serviceAccountName"] = json!("mycel");
+            }),
+        ),
+        (
+            "readinessProbe",
+            "Deployment",
+            Box::new(|v: &mut Value| {
+                v["spec"]["template"]["spec"]["containers"][0]
+                    .as_object_mut()
+                    .expect("container")
+                    .remove("readinessProbe");
+            }),
+        ),
+        (
+            "projected ServiceAccount token",
+            "DaemonSet",
+            Box::new(|v: &mut Value| {
+                let volumes = v["spec"]["template"]["spec"]["volumes"]
+                    .as_array_mut()
+                    .expect("volumes");
+                let token = volumes
+                    .iter_mut()
+                    .find(|vol| vol.get("projected").is_some())
+                    .expect("the token volume");
+                token["projected"]["sources"][0]["serviceAccountToken"]["audience"] =
+                    json!("https://kubernetes.default.svc");
+            }),
+        ),
+        (
+            "MYCEL_IDENTITY_SERVER must",
+            "ConfigMap",
+            Box::new(|v: &mut Value| {
+                v["data"]["MYCEL_IDENTITY_SERVER"] = json!("mycel-identity.elsewhere.svc:15012");
             }),
         ),
         (
@@ -1081,7 +1457,18 @@ fn the_agent_gets_the_ca_secret_that_mycel_ca_create_writes() {
         .expect("the CA directory")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
-    let mounted: BTreeSet<String> = secret
+    // The identity server gets both files; the agents the certificate alone.
+    let server_secret = install
+        .identity
+        .deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.volumes.as_ref())
+        .and_then(|v| v.iter().find_map(|v| v.secret.clone()))
+        .expect("the identity server's CA volume is a Secret");
+    assert_eq!(server_secret.secret_name, secret.secret_name);
+    let mounted: BTreeSet<String> = server_secret
         .items
         .iter()
         .flatten()
@@ -1090,6 +1477,17 @@ fn the_agent_gets_the_ca_secret_that_mycel_ca_create_writes() {
     assert_eq!(
         written, mounted,
         "`kubectl create secret --from-file=ca/` makes a key of each file in ca/"
+    );
+    let agent_mounted: BTreeSet<String> = secret
+        .items
+        .iter()
+        .flatten()
+        .map(|i| i.path.clone())
+        .collect();
+    assert_eq!(
+        agent_mounted,
+        BTreeSet::from([CA_CERT_FILE.to_owned()]),
+        "the agents mount the trust bundle only, never the CA key"
     );
 }
 

@@ -645,6 +645,13 @@ impl Svid {
         })
     }
 
+    /// The subject of the CA that signed the certificate (empty if it cannot be read).
+    pub fn issuer(&self) -> String {
+        X509Certificate::from_der(self.leaf())
+            .map(|(_, c)| c.issuer().to_string())
+            .unwrap_or_default()
+    }
+
     /// The identity the certificate names.
     pub fn id(&self) -> &SpiffeId {
         &self.id

@@ -8,8 +8,15 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak},
+    path::PathBuf,
+    sync::{Arc, LazyLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak},
     time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::StreamExt as _;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
 };
 
 use rustls::{
@@ -32,6 +39,14 @@ pub const DEFAULT_SVID_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 const ALPN_H2: &[u8] = b"h2";
 /// Wait before retrying a failed renewal (bounded by half the remaining validity).
 const RENEWAL_RETRY: Duration = Duration::from_secs(5);
+/// First wait before asking the identity server again for a certificate it did not give;
+/// doubled after every failure up to [`MAX_REQUEST_BACKOFF`].
+const REQUEST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_REQUEST_BACKOFF: Duration = Duration::from_secs(30);
+/// How long one request to the identity server may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests to the identity server in flight at once.
+const REQUEST_CONCURRENCY: usize = 8;
 /// Client configurations cached per local identity (one per expected peer); the cache is
 /// emptied when it reaches this size, so a stream of distinct peers cannot grow it forever.
 const MAX_CLIENT_CONFIGS: usize = 1024;
@@ -79,6 +94,108 @@ fn spiffe_id<'de, D: Deserializer<'de>>(d: D) -> Result<SpiffeId, D::Error> {
     SpiffeId::parse(&text).map_err(serde::de::Error::custom)
 }
 
+/// Where the agent gets certificates when it holds no CA key: the identity server
+/// (`mycel identity-server`), asked with the agent's projected ServiceAccount token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RemoteSigner {
+    /// `HOST:PORT` of the identity server (resolved at every request).
+    pub server: String,
+    /// The projected token file, read again at every request (the kubelet rotates it).
+    pub token: PathBuf,
+    /// The SPIFFE ID the identity server's certificate must name.
+    #[serde(serialize_with = "spiffe_string")]
+    pub server_id: SpiffeId,
+}
+
+fn spiffe_string<S: Serializer>(id: &SpiffeId, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&id.to_string())
+}
+
+/// Labels of `mycel_certificate_issuances_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuanceLabels {
+    /// `local` (the agent's CA) or `server` (the identity server).
+    signer: &'static str,
+    /// `issued` or `failed`.
+    result: &'static str,
+}
+
+static ISSUANCES: LazyLock<Family<IssuanceLabels, Counter>> = LazyLock::new(Family::default);
+
+/// `mycel_certificate_issuances_total{signer,result}`: workload certificates obtained or
+/// not, by where they come from (register it once per process).
+pub fn issuances() -> Family<IssuanceLabels, Counter> {
+    ISSUANCES.clone()
+}
+
+fn count_issuance(signer: &'static str, ok: bool) {
+    ISSUANCES
+        .get_or_create(&IssuanceLabels {
+            signer,
+            result: if ok { "issued" } else { "failed" },
+        })
+        .inc();
+}
+
+/// What signs the certificates of local workloads.
+#[derive(Clone)]
+enum Signer {
+    /// The agent's own CA (standalone, or Kubernetes with the CA key mounted).
+    Local(Arc<Ca>),
+    /// The identity server, reached with a TLS configuration built from the bundle.
+    Remote(Arc<Remote>),
+}
+
+struct Remote {
+    settings: RemoteSigner,
+    tls: Arc<ClientConfig>,
+}
+
+impl Signer {
+    fn same(&self, other: &Signer) -> bool {
+        match (self, other) {
+            (Signer::Local(a), Signer::Local(b)) => Arc::ptr_eq(a, b),
+            (Signer::Remote(a), Signer::Remote(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Signer::Local(_) => "local",
+            Signer::Remote(_) => "server",
+        }
+    }
+
+    fn subject(&self) -> String {
+        match self {
+            Signer::Local(ca) => ca.subject(),
+            Signer::Remote(r) => format!(
+                "identity server {} ({})",
+                r.settings.server, r.settings.server_id
+            ),
+        }
+    }
+
+    fn remote(settings: RemoteSigner, bundle: &TrustBundle) -> Result<Signer, Error> {
+        let tls = super::server::client_config(bundle, &settings.server_id)?;
+        Ok(Signer::Remote(Arc::new(Remote { settings, tls })))
+    }
+}
+
+/// One round's result for an identity: the SVID it replaces (none for a new identity) and
+/// the new one, or why there is none.
+type Obtained = (SpiffeId, Option<Arc<Svid>>, Result<Svid, String>);
+
+/// A certificate the identity server has not given yet (or could not renew): when to
+/// ask again, and why the last request failed.
+#[derive(Clone, Debug)]
+struct Failure {
+    next: Instant,
+    backoff: Duration,
+    error: String,
+}
+
 /// The CA, the trust bundle and the SVIDs of the identities of local workloads. Cheap to
 /// clone: clones share everything.
 #[derive(Clone)]
@@ -106,8 +223,8 @@ impl Drop for Inner {
 }
 
 struct State {
-    ca: Arc<Ca>,
-    /// The subject of `ca`, for status.
+    signer: Signer,
+    /// The subject of the signing CA (or the identity server's address), for status.
     ca_subject: String,
     bundle: TrustBundle,
     roots: Arc<RootCertStore>,
@@ -115,6 +232,8 @@ struct State {
     /// The identities the last `set_identities` asked for.
     wanted: BTreeSet<SpiffeId>,
     entries: BTreeMap<SpiffeId, Entry>,
+    /// Identities whose last request to the identity server failed.
+    failures: BTreeMap<SpiffeId, Failure>,
 }
 
 struct Entry {
@@ -186,7 +305,7 @@ impl CertManager {
         // whatever default another part of the process installed.
         let provider = Arc::new(crypto::provider(kx));
         bundle.extend(ca.bundle())?;
-        let state = State::new(Arc::new(ca), bundle, &provider, trust_domain)?;
+        let state = State::new(Signer::Local(Arc::new(ca)), bundle, &provider, trust_domain)?;
         Ok(CertManager {
             inner: Arc::new(Inner {
                 trust_domain: trust_domain.to_owned(),
@@ -197,6 +316,55 @@ impl CertManager {
                 reload: RwLock::default(),
             }),
         })
+    }
+
+    /// A manager that holds no CA key: certificates come from the identity server of
+    /// `remote` (by a PKCS#10 request from the background renewal task, so that nothing
+    /// waits on the network), peers are trusted when their chain ends at a CA of `bundle`.
+    /// A new identity is served once its certificate has arrived; failed requests are
+    /// retried with a growing delay, logged, counted and shown in [`Self::issue_errors`].
+    pub fn remote(
+        remote: RemoteSigner,
+        bundle: TrustBundle,
+        trust_domain: &str,
+        kx: KeyExchange,
+    ) -> Result<Self, Error> {
+        check_trust_domain(trust_domain)?;
+        if bundle.certificates().is_empty() {
+            return Err(Error::Certificate {
+                origin: "the trust bundle".to_owned(),
+                reason: "holds no CA certificate".to_owned(),
+            });
+        }
+        let provider = Arc::new(crypto::provider(kx));
+        let signer = Signer::remote(remote, &bundle)?;
+        let state = State::new(signer, bundle, &provider, trust_domain)?;
+        Ok(CertManager {
+            inner: Arc::new(Inner {
+                trust_domain: trust_domain.to_owned(),
+                // The identity server decides the lifetime.
+                lifetime: DEFAULT_SVID_LIFETIME,
+                provider,
+                state: RwLock::new(state),
+                changed: Arc::new(Notify::new()),
+                reload: RwLock::default(),
+            }),
+        })
+    }
+
+    /// True when certificates come from the identity server (the agent holds no CA key).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.read().signer, Signer::Remote(_))
+    }
+
+    /// Identities without a (renewed) certificate because the last request for it
+    /// failed, and why.
+    pub fn issue_errors(&self) -> BTreeMap<String, String> {
+        self.read()
+            .failures
+            .iter()
+            .map(|(id, f)| (id.to_string(), f.error.clone()))
+            .collect()
     }
 
     /// The key exchange groups the TLS configurations offer, most preferred first.
@@ -227,21 +395,28 @@ impl CertManager {
         for id in ids {
             self.check_domain(id)?;
         }
-        let (ca, missing) = {
+        let (signer, missing) = {
             let mut state = self.write();
             state.wanted = ids.iter().cloned().collect();
             state.entries.retain(|id, _| ids.contains(id));
+            state.failures.retain(|id, _| ids.contains(id));
             let missing: Vec<SpiffeId> = ids
                 .iter()
                 .filter(|id| !state.entries.contains_key(id))
                 .cloned()
                 .collect();
-            (state.ca.clone(), missing)
+            (state.signer.clone(), missing)
         };
+        let Signer::Local(ca) = signer else {
+            // The renewal task asks the identity server for the missing ones.
+            self.inner.changed.notify_waiters();
+            return Ok(());
+        };
+        let signer = Signer::Local(ca.clone());
         let mut first_error = None;
         for id in missing {
             match self.issue(&ca, &id) {
-                Ok(svid) => self.install(&ca, svid, None),
+                Ok(svid) => self.install(&signer, svid, None),
                 Err(e) => {
                     tracing::error!(%id, error = %e, "cannot issue a certificate");
                     first_error.get_or_insert(e);
@@ -262,44 +437,19 @@ impl CertManager {
         bundle.extend(ca.bundle())?;
         let (ca, reissue): (Arc<Ca>, Vec<SpiffeId>) = {
             let mut state = self.write();
-            let same_ca = state.ca.certificate() == ca.certificate();
-            let ca = if same_ca {
-                state.ca.clone()
-            } else {
-                Arc::new(ca)
+            let (ca, same_ca) = match &state.signer {
+                Signer::Local(current) if current.certificate() == ca.certificate() => {
+                    (current.clone(), true)
+                }
+                _ => (Arc::new(ca), false),
             };
-            let mut next = State::new(
-                ca.clone(),
+            let next = State::new(
+                Signer::Local(ca.clone()),
                 bundle,
                 &self.inner.provider,
                 &self.inner.trust_domain,
             )?;
-            next.wanted = std::mem::take(&mut state.wanted);
-            // The current SVIDs with configurations that verify peers against the new
-            // bundle, until their replacements (if any) are issued.
-            for (id, entry) in std::mem::take(&mut state.entries) {
-                match server_config(
-                    &self.inner.provider,
-                    next.client_verifier.clone(),
-                    &entry.svid,
-                ) {
-                    Ok(server) => {
-                        next.entries.insert(
-                            id,
-                            Entry {
-                                server,
-                                clients: HashMap::new(),
-                                ..entry
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        tracing::error!(%id, error = %e, "cannot build a TLS server configuration");
-                        next.entries.insert(id, entry);
-                    }
-                }
-            }
-            *state = next;
+            self.carry_over(&mut state, next);
             let reissue = if same_ca {
                 Vec::new()
             } else {
@@ -307,11 +457,12 @@ impl CertManager {
             };
             (ca, reissue)
         };
+        let signer = Signer::Local(ca.clone());
         let mut first_error = None;
         for id in reissue {
             match self.issue(&ca, &id) {
                 // Replaces the old entry even though its serial is unknown here.
-                Ok(svid) => self.install(&ca, svid, None),
+                Ok(svid) => self.install(&signer, svid, None),
                 Err(e) => {
                     tracing::error!(%id, error = %e, "cannot issue a certificate from the new CA");
                     first_error.get_or_insert(e);
@@ -320,6 +471,76 @@ impl CertManager {
         }
         self.inner.changed.notify_waiters();
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Replaces the trust bundle of a manager whose certificates come from the identity
+    /// server (the CA directory holds only `ca.pem`). The new bundle is in force for new
+    /// handshakes at once, the identity server is verified against it from now on, and
+    /// every certificate is asked for again right away (in the background), so that after
+    /// a CA rotation none chains to a root about to be removed.
+    pub fn set_bundle(&self, bundle: TrustBundle) -> Result<(), Error> {
+        if bundle.certificates().is_empty() {
+            return Err(Error::Certificate {
+                origin: "the trust bundle".to_owned(),
+                reason: "holds no CA certificate".to_owned(),
+            });
+        }
+        {
+            let mut state = self.write();
+            let Signer::Remote(remote) = &state.signer else {
+                return Err(Error::Certificate {
+                    origin: "the trust bundle".to_owned(),
+                    reason: "this agent signs with its own CA: the CA directory needs the key too"
+                        .to_owned(),
+                });
+            };
+            let signer = Signer::remote(remote.settings.clone(), &bundle)?;
+            let next = State::new(
+                signer,
+                bundle,
+                &self.inner.provider,
+                &self.inner.trust_domain,
+            )?;
+            self.carry_over(&mut state, next);
+            let now = Instant::now();
+            for entry in state.entries.values_mut() {
+                entry.renew_at = now;
+            }
+            state.failures.clear();
+        }
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Makes `next` the state, with the identities wanted and the current SVIDs of
+    /// `state`, their configurations verifying peers against the new bundle until their
+    /// replacements (if any) are issued.
+    fn carry_over(&self, state: &mut State, mut next: State) {
+        next.wanted = std::mem::take(&mut state.wanted);
+        next.failures = std::mem::take(&mut state.failures);
+        for (id, entry) in std::mem::take(&mut state.entries) {
+            match server_config(
+                &self.inner.provider,
+                next.client_verifier.clone(),
+                &entry.svid,
+            ) {
+                Ok(server) => {
+                    next.entries.insert(
+                        id,
+                        Entry {
+                            server,
+                            clients: HashMap::new(),
+                            ..entry
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(%id, error = %e, "cannot build a TLS server configuration");
+                    next.entries.insert(id, entry);
+                }
+            }
+        }
+        *state = next;
     }
 
     /// Records a reload of the CA directory: applied (`None`) or refused, and why.
@@ -448,7 +669,7 @@ impl CertManager {
                 let next = match weak.upgrade() {
                     Some(inner) => {
                         let manager = CertManager { inner };
-                        manager.renew_due();
+                        manager.renew_due().await;
                         manager.next_renewal()
                     }
                     None => return,
@@ -466,10 +687,12 @@ impl CertManager {
         })
     }
 
-    /// Renews every SVID whose renewal time has come.
-    fn renew_due(&self) {
+    /// Renews every SVID whose renewal time has come; with the identity server, also asks
+    /// for the certificates of new identities (and those whose last request failed, once
+    /// their delay has passed).
+    async fn renew_due(&self) {
         let now = Instant::now();
-        let (ca, due) = {
+        let (signer, due, missing) = {
             let state = self.read();
             let due: Vec<(SpiffeId, Arc<Svid>)> = state
                 .entries
@@ -477,31 +700,113 @@ impl CertManager {
                 .filter(|(_, e)| e.renew_at <= now)
                 .map(|(id, e)| (id.clone(), e.svid.clone()))
                 .collect();
-            (state.ca.clone(), due)
+            let missing: Vec<SpiffeId> = match state.signer {
+                Signer::Local(_) => Vec::new(),
+                Signer::Remote(_) => state
+                    .wanted
+                    .iter()
+                    .filter(|id| !state.entries.contains_key(*id))
+                    .filter(|id| state.failures.get(*id).is_none_or(|f| f.next <= now))
+                    .cloned()
+                    .collect(),
+            };
+            (state.signer.clone(), due, missing)
         };
-        for (id, old) in due {
-            match self.issue(&ca, &id) {
-                Ok(svid) => {
-                    tracing::debug!(%id, serial = svid.serial(), "renewed the certificate");
-                    self.install(&ca, svid, Some(&old));
+        let work: Vec<(SpiffeId, Option<Arc<Svid>>)> = missing
+            .into_iter()
+            .map(|id| (id, None))
+            .chain(due.into_iter().map(|(id, old)| (id, Some(old))))
+            .collect();
+        if work.is_empty() {
+            return;
+        }
+        let results: Vec<Obtained> = futures::stream::iter(work)
+            .map(|(id, old)| {
+                let signer = signer.clone();
+                async move {
+                    let result = self.obtain(&signer, &id).await;
+                    (id, old, result)
                 }
-                Err(e) => {
+            })
+            .buffer_unordered(REQUEST_CONCURRENCY)
+            .collect()
+            .await;
+        for (id, old, result) in results {
+            count_issuance(signer.label(), result.is_ok());
+            match (result, old) {
+                (Ok(svid), old) => {
+                    tracing::debug!(%id, serial = svid.serial(), "obtained the certificate");
+                    self.install(&signer, svid, old.as_ref());
+                }
+                (Err(e), Some(old)) => {
                     let left = old
                         .not_after()
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();
                     let retry = RENEWAL_RETRY.min(left / 2).max(Duration::from_millis(100));
                     tracing::error!(%id, error = %e, ?retry, "cannot renew the certificate");
-                    if let Some(entry) = self.write().entries.get_mut(&id) {
+                    let mut state = self.write();
+                    if let Some(entry) = state.entries.get_mut(&id) {
                         entry.renew_at = Instant::now() + retry;
                     }
+                    if matches!(signer, Signer::Remote(_)) && state.wanted.contains(&id) {
+                        state.failures.insert(
+                            id,
+                            Failure {
+                                next: Instant::now() + retry,
+                                backoff: retry,
+                                error: e,
+                            },
+                        );
+                    }
+                }
+                (Err(e), None) => {
+                    let mut state = self.write();
+                    if !state.wanted.contains(&id) || !state.signer.same(&signer) {
+                        continue;
+                    }
+                    let backoff = state.failures.get(&id).map_or(REQUEST_BACKOFF, |f| {
+                        (f.backoff * 2).min(MAX_REQUEST_BACKOFF)
+                    });
+                    tracing::error!(%id, error = %e, retry = ?backoff, "cannot obtain a certificate");
+                    state.failures.insert(
+                        id,
+                        Failure {
+                            next: Instant::now() + backoff,
+                            backoff,
+                            error: e,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// A certificate of `id` from `signer`: signed here, or asked of the identity server.
+    async fn obtain(&self, signer: &Signer, id: &SpiffeId) -> Result<Svid, String> {
+        match signer {
+            Signer::Local(ca) => self.issue(ca, id).map_err(|e| e.to_string()),
+            Signer::Remote(remote) => {
+                match tokio::time::timeout(REQUEST_TIMEOUT, request(remote, id)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(format!(
+                        "the identity server {} did not answer within {REQUEST_TIMEOUT:?}",
+                        remote.settings.server
+                    )),
                 }
             }
         }
     }
 
     fn next_renewal(&self) -> Option<Instant> {
-        self.read().entries.values().map(|e| e.renew_at).min()
+        let state = self.read();
+        let renewals = state.entries.values().map(|e| e.renew_at);
+        let retries = state
+            .failures
+            .iter()
+            .filter(|(id, _)| !state.entries.contains_key(*id))
+            .map(|(_, f)| f.next);
+        renewals.chain(retries).min()
     }
 
     fn issue(&self, ca: &Ca, id: &SpiffeId) -> Result<Svid, Error> {
@@ -510,15 +815,15 @@ impl CertManager {
 
     /// Puts `svid` in place with fresh configurations. With `replaces`, only if the current
     /// SVID is still that one (the identity may have been dropped or reissued meanwhile);
-    /// without, only if the identity is still wanted and the CA still current.
-    fn install(&self, ca: &Arc<Ca>, svid: Svid, replaces: Option<&Arc<Svid>>) {
+    /// without, only if the identity is still wanted and the signer still current.
+    fn install(&self, signer: &Signer, svid: Svid, replaces: Option<&Arc<Svid>>) {
         let issued = SystemTime::now();
         // Half of what is left of the lifetime: `notAfter` may have been capped by the
         // CA's own expiry.
         let half = svid.not_after().duration_since(issued).unwrap_or_default() / 2;
         let id = svid.id().clone();
         let mut state = self.write();
-        if !Arc::ptr_eq(&state.ca, ca) {
+        if !state.signer.same(signer) {
             return;
         }
         let server = match server_config(&self.inner.provider, state.client_verifier.clone(), &svid)
@@ -529,27 +834,43 @@ impl CertManager {
                 return;
             }
         };
+        let issuer = match signer {
+            Signer::Local(_) => state.ca_subject.clone(),
+            Signer::Remote(_) => svid.issuer(),
+        };
         let entry = Entry {
-            issuer: state.ca_subject.clone(),
+            issuer,
             svid: Arc::new(svid),
             renew_at: Instant::now() + half,
             server,
             clients: HashMap::new(),
         };
-        match (state.entries.get_mut(&id), replaces) {
+        let installed = match (state.entries.get_mut(&id), replaces) {
             (Some(current), Some(old)) => {
                 if Arc::ptr_eq(&current.svid, old) {
                     *current = entry;
+                    true
+                } else {
+                    false
                 }
             }
-            (Some(current), None) => *current = entry,
+            (Some(current), None) => {
+                *current = entry;
+                true
+            }
             (None, None) => {
                 // A later `set_identities` may have dropped the identity meanwhile.
                 if state.wanted.contains(&id) {
-                    state.entries.insert(id, entry);
+                    state.entries.insert(id.clone(), entry);
+                    true
+                } else {
+                    false
                 }
             }
-            (None, Some(_)) => {}
+            (None, Some(_)) => false,
+        };
+        if installed {
+            state.failures.remove(&id);
         }
     }
 
@@ -582,7 +903,7 @@ impl CertManager {
 
 impl State {
     fn new(
-        ca: Arc<Ca>,
+        signer: Signer,
         bundle: TrustBundle,
         provider: &Arc<CryptoProvider>,
         trust_domain: &str,
@@ -594,13 +915,14 @@ impl State {
             trust_domain,
         )?);
         Ok(State {
-            ca_subject: ca.subject(),
-            ca,
+            ca_subject: signer.subject(),
+            signer,
             bundle,
             roots,
             client_verifier,
             wanted: BTreeSet::new(),
             entries: BTreeMap::new(),
+            failures: BTreeMap::new(),
         })
     }
 }
@@ -652,4 +974,32 @@ pub(super) fn client_config(
     // See `server_config`: every connection verifies the peer afresh.
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// Asks the identity server of `remote` for a certificate of `id`, with the token as it is
+/// on disk now, trying each address the server's name resolves to until one answers.
+async fn request(remote: &Remote, id: &SpiffeId) -> Result<Svid, String> {
+    let path = &remote.settings.token;
+    let token = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| format!("reading the token {}: {e}", path.display()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(format!("the token {} is empty", path.display()));
+    }
+    let server = &remote.settings.server;
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(server.as_str())
+        .await
+        .map_err(|e| format!("resolving the identity server {server}: {e}"))?
+        .collect();
+    let mut last = format!("the identity server {server} resolves to no address");
+    for addr in addrs {
+        match super::server::request_svid(addr, remote.tls.clone(), token, id).await {
+            Ok(svid) => return Ok(svid),
+            // Another replica would decide the same.
+            Err(e @ super::server::RequestError::Refused { .. }) => return Err(e.to_string()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
 }

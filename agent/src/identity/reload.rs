@@ -10,6 +10,10 @@
 //! that cannot be used leaves the last good CA and bundle in force; the error is logged
 //! once, shown by `mycel status`, and counted in `mycel_ca_reloads_total{result="failed"}`
 //! with `mycel_ca_reload_failing` at 1 until the files are fixed.
+//!
+//! An agent whose certificates come from the identity server holds no CA key: its
+//! directory holds only [`CA_CERT_FILE`], the trust bundle ([`CaDir::bundle_only`]),
+//! handed to [`CertManager::set_bundle`] when it changes.
 
 use std::{
     path::{Path, PathBuf},
@@ -81,6 +85,8 @@ pub struct CaDir {
     applied: (Vec<u8>, Vec<u8>),
     /// Contents refused last, so that a bad pair is reported once, not at every read.
     refused: Option<(Vec<u8>, Vec<u8>)>,
+    /// Only the trust bundle (no key): certificates come from the identity server.
+    bundle_only: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -100,15 +106,28 @@ impl CaDir {
     pub fn new(dir: &Path, metrics: Arc<Metrics>) -> Result<CaDir, Error> {
         Ok(CaDir {
             dir: dir.to_owned(),
-            applied: read_pair(dir)?,
+            applied: read_pair(dir, false)?,
             refused: None,
+            bundle_only: false,
+            metrics,
+        })
+    }
+
+    /// Watches the trust bundle of `dir` (its [`CA_CERT_FILE`] alone), whose current
+    /// contents the manager was built from.
+    pub fn bundle_only(dir: &Path, metrics: Arc<Metrics>) -> Result<CaDir, Error> {
+        Ok(CaDir {
+            dir: dir.to_owned(),
+            applied: read_pair(dir, true)?,
+            refused: None,
+            bundle_only: true,
             metrics,
         })
     }
 
     /// Reads the directory and applies a change to `manager`.
     pub fn poll(&mut self, manager: &CertManager) -> Reload {
-        let outcome = match read_pair(&self.dir) {
+        let outcome = match read_pair(&self.dir, self.bundle_only) {
             Ok(pair) if pair == self.applied => {
                 self.refused = None;
                 Reload::Unchanged
@@ -170,6 +189,10 @@ impl CaDir {
     }
 
     fn apply(&self, (cert, key): &(Vec<u8>, Vec<u8>), manager: &CertManager) -> Result<(), Error> {
+        if self.bundle_only {
+            let path = self.dir.join(CA_CERT_FILE);
+            return manager.set_bundle(TrustBundle::from_pem(cert, &path.display().to_string())?);
+        }
         let ca = Ca::from_pem_paths(
             cert,
             &self.dir.join(CA_CERT_FILE),
@@ -211,7 +234,7 @@ impl CaDir {
     }
 }
 
-fn read_pair(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), Error> {
+fn read_pair(dir: &Path, bundle_only: bool) -> Result<(Vec<u8>, Vec<u8>), Error> {
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read(&path).map_err(|source| Error::Io {
@@ -220,5 +243,8 @@ fn read_pair(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), Error> {
             source,
         })
     };
+    if bundle_only {
+        return Ok((read(CA_CERT_FILE)?, Vec::new()));
+    }
     Ok((read(CA_CERT_FILE)?, read(CA_KEY_FILE)?))
 }

@@ -39,3 +39,17 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/name: mycel
 app.kubernetes.io/component: agent
 {{- end }}
+
+{{- /* Labels of the identity server's objects. */ -}}
+{{- define "mycel.identityLabels" -}}
+app.kubernetes.io/name: mycel
+app.kubernetes.io/component: identity-server
+app.kubernetes.io/part-of: mycel
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+
+{{- /* The identity server's selector. */ -}}
+{{- define "mycel.identitySelectorLabels" -}}
+app.kubernetes.io/name: mycel
+app.kubernetes.io/component: identity-server
+{{- end }}
